@@ -1,0 +1,114 @@
+"""Shared fixtures for the optimizer test suites.
+
+``OPTIMIZERS`` is the generic contract table: a new Bayesian optimizer (ADVI, GSM, BaM, ...)
+joins ``test_contract.py`` (and the generic parts of ``test_errors.py``) by one entry here.
+Every entry is ``factory(params, **overrides) -> optimizer`` and the optimizer must provide
+``step(closure=None)``, ``zero_grad``, ``state_dict``/``load_state_dict``, ``add_param_group``,
+``posterior_mean(p)``, ``posterior_std(p)``, ``mean_params()``, ``sampled_params()``,
+``train()``, ``eval()`` and ``predictive(model, inputs, n_samples=..., likelihood=...)``, and
+accept the keyword options ``lr``, ``dataset_size`` and ``mc_samples``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_proxvi import ProxScoreOptimizer
+
+OPTIMIZERS = {
+    "proxscore": lambda params, **kw: ProxScoreOptimizer(
+        params, **{"lr": 1e-2, "dataset_size": 64, **kw}
+    ),
+}
+
+N_FEATURES = 5
+N_HIDDEN = 8
+N_CLASSES = 3
+BATCH = 16
+
+
+def build_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+    """``Linear(5, 8) -> Tanh -> Linear(8, 3)``, initialised from ``torch.manual_seed(seed)``."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(N_FEATURES, N_HIDDEN), nn.Tanh(),
+                          nn.Linear(N_HIDDEN, N_CLASSES))
+    return model.to(dtype)
+
+
+def build_data(seed: int = 1, n: int = BATCH, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, N_FEATURES, generator=g, dtype=dtype)
+    y = torch.randint(0, N_CLASSES, (n,), generator=g)
+    return x, y
+
+
+def train_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor):
+    """One ordinary training-loop iteration (zero_grad, cross-entropy backward, step)."""
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x).float(), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def snapshot(opt) -> dict:
+    """A deep copy of every tensor (and scalar) in ``opt.state``, keyed by parameter index."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    out = {}
+    for i, p in enumerate(params):
+        if p in opt.state and opt.state[p]:
+            out[i] = {k: (v.detach().clone() if torch.is_tensor(v) else v)
+                      for k, v in opt.state[p].items()}
+    return out
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for i in before:
+        assert before[i].keys() == after[i].keys(), i
+        for k, v in before[i].items():
+            w = after[i][k]
+            if torch.is_tensor(v):
+                assert v.dtype == w.dtype and torch.equal(v, w), (i, k)
+            else:
+                assert v == w, (i, k)
+
+
+@pytest.fixture(params=list(OPTIMIZERS), ids=list(OPTIMIZERS))
+def make_opt(request):
+    """``make_opt(params, **overrides)`` for each optimizer of the contract table."""
+    return OPTIMIZERS[request.param]
+
+
+# The helpers as session-scoped fixtures (usable from hypothesis tests too).
+@pytest.fixture(scope="session")
+def make_model():
+    return build_model
+
+
+@pytest.fixture(scope="session")
+def make_data():
+    return build_data
+
+
+@pytest.fixture
+def data():
+    return build_data()
+
+
+@pytest.fixture(scope="session")
+def train():
+    return train_step
+
+
+@pytest.fixture(scope="session")
+def state_snapshot():
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def same_state():
+    return assert_same_state

@@ -1,0 +1,5 @@
+"""Variational families: how each stores, samples and summarises its per-parameter state."""
+
+from . import gaussian
+
+__all__ = ["gaussian"]

@@ -1,0 +1,55 @@
+r"""Mean-field Gaussian family :math:`q(\theta) = N(m, \mathrm{diag}\,\sigma^2)`, :math:`\sigma = e^\rho`.
+
+Per parameter the optimizer's ``state`` holds plain tensors, float32 (float64 for float64
+parameters) whatever the weights' dtype:
+
+``mean``, ``log_scale``
+    the variational parameters :math:`m` and :math:`\rho`;
+``mean_exp_avg``, ``mean_exp_avg_sq``, ``log_scale_exp_avg``, ``log_scale_exp_avg_sq``
+    Adam's moments for the proximal inner problem;
+``step``
+    Adam's step count (a CPU scalar tensor, as in ``torch.optim.Adam``);
+``prior_mean``
+    only with ``prior_mean="init"``: the weights when the optimizer first saw them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["init_state", "sample", "mean", "std", "state_dtype"]
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """float64 for float64 weights, float32 for everything else (bf16/fp16 included)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def init_state(state: dict, p: Tensor, *, init_std: float, keep_prior_mean: bool) -> None:
+    """Fill ``state`` for parameter ``p``: mean at the current weights, std ``init_std``."""
+    m = p.detach().to(state_dtype(p), copy=True)
+    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    state["mean"] = m
+    state["log_scale"] = torch.full_like(m, math.log(init_std))
+    for name in ("mean_exp_avg", "mean_exp_avg_sq", "log_scale_exp_avg", "log_scale_exp_avg_sq"):
+        state[name] = torch.zeros_like(m)
+    if keep_prior_mean:
+        state["prior_mean"] = m.clone()
+
+
+def sample(state: dict, generator: torch.Generator | None) -> Tensor:
+    r"""One draw :math:`m + \sigma \odot \epsilon`, :math:`\epsilon \sim N(0, I)`."""
+    m = state["mean"]
+    noise = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
+    return noise.mul_(state["log_scale"].exp()).add_(m)
+
+
+def mean(state: dict) -> Tensor:
+    return state["mean"]
+
+
+def std(state: dict) -> Tensor:
+    return state["log_scale"].exp()

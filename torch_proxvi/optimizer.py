@@ -1,0 +1,470 @@
+r"""ProxScoreOptimizer: Bayesian training as a drop-in ``torch.optim.Optimizer``.
+
+This file holds validation, parameter groups, the step's bookkeeping and the sampling contexts.
+The update math is in :mod:`torch_proxvi._functional`, the family's storage in
+:mod:`torch_proxvi.families.gaussian`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _functional as F
+from . import predictive as _predictive
+from .families import gaussian
+
+__all__ = ["ProxScoreOptimizer"]
+
+_REQUIRED: Any = object()
+_FAMILIES = ("gaussian",)
+_PRIOR_MEANS = ("zero", "init")
+_MEAN_UPDATES = ("score", "residual")
+
+
+def _check(cond: bool, name: str, value: Any, rule: str) -> None:
+    if not cond:
+        raise ValueError(f"Invalid {name}: {value!r} ({rule})")
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    """Raise a ValueError naming the first invalid hyperparameter of ``group``."""
+    n = group["dataset_size"]
+    if n is _REQUIRED:
+        raise TypeError(
+            "ProxScoreOptimizer() missing required keyword argument 'dataset_size': pass the "
+            "number of training examples, e.g. dataset_size=len(train_set); the gradient of a "
+            "mean loss is multiplied by it to get the posterior score"
+        )
+    _check(isinstance(n, (int, float)) and math.isfinite(n) and n > 0, "dataset_size", n,
+           "must be a positive number: the number of training examples")
+    lr = group["lr"]
+    _check(isinstance(lr, (int, float)) and 0 <= lr < math.inf, "learning rate", lr,
+           "must be a finite float >= 0")
+    for name in ("prior_precision", "init_std", "temperature"):
+        v = group[name]
+        _check(isinstance(v, (int, float)) and 0 < v < math.inf, name, v,
+               "must be a finite float > 0")
+    for name in ("prox_weight", "eps", "scale_lr_ratio"):
+        v = group[name]
+        _check(isinstance(v, (int, float)) and 0 <= v < math.inf, name, v,
+               "must be a finite float >= 0")
+    for name, low in (("mc_samples", 1), ("inner_steps", 1), ("warmup_steps", 0)):
+        v = group[name]
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= low, name, v,
+               f"must be an int >= {low}")
+    betas = group["betas"]
+    _check(isinstance(betas, (tuple, list)) and len(betas) == 2
+           and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+           "betas", betas, "must be two floats in [0, 1)")
+    for name, allowed in (("family", _FAMILIES), ("prior_mean", _PRIOR_MEANS),
+                          ("mean_update", _MEAN_UPDATES)):
+        _check(group[name] in allowed, name, group[name], f"choose one of {allowed}")
+    for p in group["params"]:
+        if p.is_complex():
+            raise ValueError("ProxScoreOptimizer does not support complex parameters: "
+                             "split them into real and imaginary float tensors (torch.view_as_real)")
+        if not p.is_floating_point():
+            raise ValueError(f"ProxScoreOptimizer needs floating-point parameters, got {p.dtype}")
+
+
+def _check_sparse(work: list[tuple[dict, Tensor]]) -> None:
+    if any(p.grad.is_sparse for _, p in work):
+        raise RuntimeError("ProxScoreOptimizer does not support sparse gradients: use a dense "
+                           "embedding (nn.Embedding(..., sparse=False))")
+
+
+class ProxScoreOptimizer(Optimizer):
+    r"""Variational inference over a model's weights by proximal score matching.
+
+    Keeps a mean-field Gaussian :math:`q = N(m, \mathrm{diag}\,\sigma^2)` per parameter. The weights
+    always hold a sample :math:`\theta \sim q_t`; ``loss.backward()`` at that sample gives the
+    posterior score :math:`\hat s = -N \nabla L_B / T - \lambda_0 (\theta - \mu_0)`, and ``step()``
+    moves :math:`q` toward
+
+    .. math::
+        q_{t+1} = \arg\min_q \frac1K \sum_k \|\sigma_t \odot (\nabla_\theta \log q(\theta_k)
+                  - \hat s(\theta_k))\|^2 + \lambda_{prox}\,\mathrm{KL}(q \,\|\, q_t)
+
+    with ``inner_steps`` Adam steps on :math:`(m, \log\sigma)`, then writes a fresh sample
+    :math:`\theta \sim q_{t+1}` into the parameters. No reparameterised gradients are needed.
+
+    Args:
+        params: parameters or parameter groups; every keyword below is also a group key
+            (except ``generator`` and ``foreach``).
+        lr: Adam learning rate of the variational mean.
+        dataset_size: number of training examples N (required).
+        prior_precision: :math:`\lambda_0` of the Gaussian prior :math:`N(\mu_0, 1/\lambda_0)`.
+        prior_mean: ``"zero"`` or ``"init"`` (the weights when first stepped; for fine-tuning).
+        family: variational family, ``"gaussian"`` (mean-field).
+        init_std: initial posterior standard deviation of every weight.
+        mc_samples: K, samples per step when ``step`` gets a closure.
+        inner_steps: Adam steps on the proximal objective per ``step``.
+        prox_weight: :math:`\lambda_{prox}` (acts from the second inner step on).
+        betas, eps: Adam's coefficients for the variational parameters.
+        temperature: T; the likelihood term of the score is divided by it.
+        mean_update: ``"score"`` (mean follows the score alone, the default chosen by the
+            ablation in docs/method.md) or ``"residual"`` (the full score-matching residual).
+        scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``.
+        warmup_steps: optimizer steps during which only the mean moves.
+        generator: ``torch.Generator`` for the weight samples (default: seeded from torch's
+            global RNG at construction, so ``torch.manual_seed`` makes runs repeatable).
+        foreach: use the multi-tensor update (default True).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=100)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> opt.zero_grad()
+        >>> torch.nn.functional.cross_entropy(model(x), y).backward()
+        >>> opt.step()
+        >>> probs = opt.predictive(model, x, n_samples=8)
+
+    Reference: Kim, "Large-scale Score-based Variational Posterior Inference for Bayesian Deep
+    Neural Networks", arXiv:2602.05873 (2026).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        *,
+        dataset_size: float = _REQUIRED,
+        prior_precision: float = 1.0,
+        prior_mean: str = "zero",
+        family: str = "gaussian",
+        init_std: float = 1e-3,
+        mc_samples: int = 1,
+        inner_steps: int = 1,
+        prox_weight: float = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        temperature: float = 1.0,
+        mean_update: str = "score",
+        scale_lr_ratio: float = 1.0,
+        warmup_steps: int = 0,
+        generator: torch.Generator | None = None,
+        foreach: bool | None = None,
+    ):
+        defaults = dict(
+            lr=lr, dataset_size=dataset_size, prior_precision=prior_precision,
+            prior_mean=prior_mean, family=family, init_std=init_std, mc_samples=mc_samples,
+            inner_steps=inner_steps, prox_weight=prox_weight, betas=tuple(betas), eps=eps,
+            temperature=temperature, mean_update=mean_update, scale_lr_ratio=scale_lr_ratio,
+            warmup_steps=warmup_steps,
+        )
+        self.foreach = True if foreach is None else bool(foreach)
+        self.skipped_steps = 0
+        self._mode = "train"
+        self._held: dict[Tensor, Tensor] = {}
+        if generator is not None:
+            self._seed = int(generator.initial_seed())
+            self._generators = {str(generator.device): generator}
+        else:
+            self._seed = int(torch.randint(0, 2**62, (1,)).item())
+            self._generators = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            _validate_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _params(self, with_state: bool = False) -> Iterator[tuple[dict, Tensor]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not with_state or p in self.state and self.state[p]:
+                    yield group, p
+
+    def _state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            gaussian.init_state(state, p, init_std=group["init_std"],
+                                keep_prior_mean=group["prior_mean"] == "init")
+        return state
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self._seed)
+            self._generators[key] = g
+        return self._generators[key]
+
+    def _write_sample(self, p: Tensor, state: dict, generator: torch.Generator | None) -> None:
+        gen = generator if generator is not None else self._generator(p.device)
+        p.copy_(gaussian.sample(state, gen))
+
+    def _group_of(self, p: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(p is q for q in group["params"]):
+                return group
+        raise ValueError("this tensor is not a parameter of the optimizer: pass one of the "
+                         "tensors given to ProxScoreOptimizer(params)")
+
+    # ------------------------------------------------------------------ the step
+    def _score_stats(self, group: dict, p: Tensor, grad: Tensor, state: dict,
+                     stats: F.ScoreStats | None, weight: float) -> F.ScoreStats:
+        theta = p.detach().to(state["mean"].dtype)
+        u = theta - state["mean"]
+        s = F.score(grad.to(theta.dtype), theta, state.get("prior_mean"),
+                    dataset_size=group["dataset_size"], prior_precision=group["prior_precision"],
+                    temperature=group["temperature"])
+        if stats is None:
+            if weight == 1.0:
+                return F.ScoreStats(u, u * u, s, u * s)
+            stats = F.ScoreStats.zeros_like(u)
+        F.accumulate_stats(stats, u, s, weight)
+        return stats
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        """One proximal score-matching step; then the weights hold a fresh sample.
+
+        Without ``closure`` the current weights (a sample of q_t) and their ``.grad`` are used.
+        With ``closure`` (zero grads, forward, backward, return loss) it is called once for each
+        of K = ``mc_samples`` fresh samples (the largest over the groups) and the mean of the
+        returned losses is returned. A step with non-finite gradients changes nothing (weights,
+        state, RNG) and warns; a closure that raises leaves everything as it was too.
+        """
+        if self._mode != "train":
+            raise RuntimeError("ProxScoreOptimizer.step() called in eval mode: the weights hold "
+                               "the posterior mean; call optimizer.train() first")
+        if closure is None:
+            loss = None
+            work = [(g, p) for g, p in self._params() if p.grad is not None]
+            _check_sparse(work)
+            if not self._all_finite([p.grad for _, p in work]):
+                return self._skip(loss)
+            stats = {p: self._score_stats(g, p, p.grad, self._state(p, g), None, 1.0)
+                     for g, p in work}
+        else:
+            loss, work, stats = self._sample_and_score(closure)
+        self._update(work, stats)
+        for _, p in work:
+            self._write_sample(p, self.state[p], None)
+        return loss
+
+    def _sample_and_score(self, closure):
+        """Call ``closure`` at K samples of q_t; return (mean loss, stepped params, stats).
+
+        Parameters that get no gradient keep their weights and get no state. Anything that goes
+        wrong (an exception, non-finite gradients) restores weights, state and RNG.
+        """
+        candidates = [(g, p) for g, p in self._params() if p.requires_grad]
+        backup = [p.detach().clone() for _, p in candidates]
+        rng = {dev: gen.get_state() for dev, gen in self._generators.items()}
+        had_state = {p for _, p in candidates if self.state.get(p)}
+        k_samples = max((g["mc_samples"] for g, _ in candidates), default=1)
+        stats: dict[Tensor, F.ScoreStats] = {}
+        losses = []
+
+        def undo() -> None:
+            for (_, p), saved in zip(candidates, backup):
+                p.copy_(saved)
+                if p not in had_state:
+                    self.state.pop(p, None)
+            for dev, state in rng.items():
+                self._generators[dev].set_state(state)
+
+        try:
+            for _ in range(k_samples):
+                for g, p in candidates:
+                    self._write_sample(p, self._state(p, g), None)
+                with torch.enable_grad():
+                    losses.append(closure())
+                with_grad = [(g, p) for g, p in candidates if p.grad is not None]
+                _check_sparse(with_grad)
+                for g, p in with_grad:
+                    stats[p] = self._score_stats(g, p, p.grad, self.state[p], stats.get(p),
+                                                 1.0 / k_samples)
+        except BaseException:
+            undo()
+            raise
+        loss = None if losses[0] is None else torch.stack(
+            [torch.as_tensor(v).detach().float() for v in losses]).mean()
+        if not self._all_finite([t for st in stats.values() for t in (st.score_mean, st.u_mean)]):
+            undo()
+            return self._skip(loss), [], {}
+        for (_, p), saved in zip(candidates, backup):
+            if p not in stats:  # no gradient: untouched
+                p.copy_(saved)
+                if p not in had_state:
+                    del self.state[p]
+        return loss, [(g, p) for g, p in candidates if p in stats], stats
+
+    def _all_finite(self, tensors: list[Tensor]) -> bool:
+        if not tensors:
+            return True
+        return bool(torch.stack([t.isfinite().all().cpu() for t in tensors]).all())
+
+    def _skip(self, loss):
+        self.skipped_steps += 1
+        warnings.warn(
+            f"ProxScoreOptimizer skipped a step because of non-finite gradients "
+            f"({self.skipped_steps} skipped so far); the posterior and the weights are "
+            f"unchanged. Lower the learning rate or use a GradScaler if this repeats.",
+            RuntimeWarning, stacklevel=3)
+        return loss
+
+    def _update(self, work, stats) -> None:
+        # Group by (hyperparameters, device, dtype, step) so each call is one foreach batch.
+        batches: dict[tuple, list[Tensor]] = {}
+        for group, p in work:
+            state = self.state[p]
+            key = (id(group), state["mean"].device, state["mean"].dtype, float(state["step"]))
+            batches.setdefault(key, []).append(p)
+        for (group_id, *_), ps in batches.items():
+            group = next(g for g in self.param_groups if id(g) == group_id)
+            states = [self.state[p] for p in ps]
+            outer_steps = float(states[0]["step"]) // group["inner_steps"]
+            F.gaussian_update(
+                [s["mean"] for s in states], [s["log_scale"] for s in states],
+                [stats[p] for p in ps],
+                [s["mean_exp_avg"] for s in states], [s["mean_exp_avg_sq"] for s in states],
+                [s["log_scale_exp_avg"] for s in states],
+                [s["log_scale_exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                lr=group["lr"], scale_lr=group["lr"] * group["scale_lr_ratio"],
+                betas=group["betas"], eps=group["eps"], inner_steps=group["inner_steps"],
+                prox_weight=group["prox_weight"], mean_update=group["mean_update"],
+                update_scale=outer_steps >= group["warmup_steps"], foreach=self.foreach,
+            )
+
+    # ------------------------------------------------------------------ posterior access
+    def _state_or_initial(self, p: Tensor) -> dict[str, Tensor]:
+        """The state of ``p``, or what it will be at its first step (without storing it)."""
+        group = self._group_of(p)
+        if self.state.get(p):
+            return self.state[p]
+        initial: dict[str, Tensor] = {}
+        gaussian.init_state(initial, p, init_std=group["init_std"], keep_prior_mean=False)
+        return initial
+
+    def posterior_mean(self, p: Tensor) -> Tensor:
+        """The variational mean of parameter ``p`` (float32 or float64, shape of ``p``)."""
+        return gaussian.mean(self._state_or_initial(p)).clone()
+
+    def posterior_std(self, p: Tensor) -> Tensor:
+        """The marginal posterior standard deviation of parameter ``p`` (shape of ``p``)."""
+        return gaussian.std(self._state_or_initial(p))
+
+    @contextlib.contextmanager
+    def mean_params(self) -> Iterator[None]:
+        """Within the block the weights hold the posterior mean; restored afterwards."""
+        with self._swapped(lambda p, state: gaussian.mean(state)):
+            yield
+
+    @contextlib.contextmanager
+    def sampled_params(
+        self, generator: torch.Generator | None = None
+    ) -> Iterator[Callable[[], None]]:
+        """Within the block the weights hold a fresh posterior sample; restored afterwards.
+
+        Yields a function that redraws the sample. Draws from ``generator`` (default: torch's
+        global RNG), never from the training RNG, so evaluation does not change training.
+        """
+        with self._swapped(lambda p, state: gaussian.sample(state, generator)) as redraw:
+            yield redraw
+
+    @contextlib.contextmanager
+    def _swapped(self, value: Callable[[Tensor, dict], Tensor]) -> Iterator[Callable[[], None]]:
+        saved = [(p, p.detach().clone()) for _, p in self._params(with_state=True)]
+
+        @torch.no_grad()
+        def write() -> None:
+            for p, _ in saved:
+                p.copy_(value(p, self.state[p]))
+
+        try:
+            write()
+            yield write
+        finally:
+            with torch.no_grad():
+                for p, old in saved:
+                    p.copy_(old)
+
+    def eval(self) -> None:
+        """Put the posterior mean into the weights (keeps the training sample for ``train()``)."""
+        if self._mode == "eval":
+            return
+        with torch.no_grad():
+            for _, p in self._params(with_state=True):
+                self._held[p] = p.detach().clone()
+                p.copy_(gaussian.mean(self.state[p]))
+        self._mode = "eval"
+
+    def train(self) -> None:
+        """Put back the training sample that ``eval()`` set aside."""
+        if self._mode == "train":
+            return
+        with torch.no_grad():
+            for p, sample in self._held.items():
+                p.copy_(sample)
+        self._held.clear()
+        self._mode = "train"
+
+    def predictive(self, model: torch.nn.Module, inputs, n_samples: int = 32,
+                   likelihood: str = "classification",
+                   generator: torch.Generator | None = None):
+        """Bayesian model average over ``n_samples`` posterior samples; see
+        :func:`torch_proxvi.predictive.predictive`."""
+        return _predictive.predictive(self, model, inputs, n_samples=n_samples,
+                                      likelihood=likelihood, generator=generator)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["proxvi"] = {
+            "seed": self._seed,
+            "skipped_steps": self.skipped_steps,
+            "rng": {dev: g.get_state() for dev, g in self._generators.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("proxvi", None)
+        if extra is None:
+            raise ValueError("this state_dict was not saved by ProxScoreOptimizer (no 'proxvi' "
+                             "entry): load a state_dict from ProxScoreOptimizer.state_dict()")
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        id_map = dict(zip(saved_ids, params))
+        for pid, saved in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is not None and "mean" in saved and saved["mean"].shape != p.shape:
+                raise ValueError(
+                    f"state_dict does not match this model: saved state of shape "
+                    f"{tuple(saved['mean'].shape)} for a parameter of shape {tuple(p.shape)}; "
+                    f"load a checkpoint of the same model and parameter order")
+        super().load_state_dict(state_dict)
+        # torch casts state to the parameter dtype; the variational state stays float32/64.
+        for pid, saved in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is not None:
+                for k, v in saved.items():
+                    if k != "step":
+                        self.state[p][k] = v.to(device=p.device, copy=True)
+        self._seed = int(extra["seed"])
+        self.skipped_steps = int(extra["skipped_steps"])
+        for dev, rng_state in extra["rng"].items():
+            self._generator(torch.device(dev)).set_state(rng_state.cpu())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(foreach=self.foreach, skipped_steps=self.skipped_steps, _mode=self._mode,
+                     _held=self._held, _seed=self._seed, _generators=self._generators)
+        return state
