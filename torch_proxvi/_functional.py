@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ScoreStats", "score", "accumulate_stats", "gaussian_update"]
+__all__ = ["ScoreStats", "score", "accumulate_stats", "proximal_gradients", "gaussian_update"]
 
 # exp(2 * log_scale) must stay a normal float32 number: std in [exp(-30), exp(20)].
 LOG_SCALE_MIN = -30.0
@@ -88,6 +88,26 @@ def _adam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
     param.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
 
+def proximal_gradients(mean, log_scale, mean_t, var_t, stats: ScoreStats, *, prox_weight,
+                       mean_update):
+    """Gradients of the proximal objective w.r.t. ``(mean, log_scale)`` (single tensor)."""
+    var = torch.exp(2 * log_scale)
+    delta = mean - mean_t
+    d_mean = stats.u_mean - delta
+    d_sq_mean = stats.u_sq_mean - 2 * delta * stats.u_mean + delta * delta
+    ds_mean = stats.u_score_mean - delta * stats.score_mean
+    weight = var_t / var
+    if mean_update == "residual":
+        grad_mean = 2 * weight * (-d_mean / var - stats.score_mean)
+    else:
+        grad_mean = -2 * stats.score_mean
+    grad_log_scale = 4 * weight * (-d_sq_mean / var - ds_mean)
+    # KL(q || q_t): zero at q = q_t, so it only acts from the second inner step on
+    grad_mean = grad_mean + prox_weight * delta / var_t
+    grad_log_scale = grad_log_scale + prox_weight * (var / var_t - 1)
+    return grad_mean, grad_log_scale
+
+
 def _gaussian_update_single(
     means, log_scales, stats, mean_avgs, mean_avg_sqs, scale_avgs, scale_avg_sqs, steps,
     *, lr, scale_lr, betas, eps, inner_steps, prox_weight, mean_update, update_scale,
@@ -96,23 +116,12 @@ def _gaussian_update_single(
     for i, (mean, log_scale, st) in enumerate(zip(means, log_scales, stats)):
         mean_t = mean.clone()
         var_t = torch.exp(2 * log_scale)
-        for inner in range(inner_steps):
+        for _ in range(inner_steps):
             steps[i] += 1
             step = float(steps[i])
-            var = torch.exp(2 * log_scale)
-            delta = mean - mean_t
-            d_mean = st.u_mean - delta
-            d_sq_mean = st.u_sq_mean - 2 * delta * st.u_mean + delta * delta
-            ds_mean = st.u_score_mean - delta * st.score_mean
-            weight = var_t / var
-            if mean_update == "residual":
-                grad_mean = 2 * weight * (-d_mean / var - st.score_mean)
-            else:
-                grad_mean = -2 * st.score_mean
-            grad_log_scale = 4 * weight * (-d_sq_mean / var - ds_mean)
-            if inner > 0 and prox_weight != 0:
-                grad_mean = grad_mean + prox_weight * delta / var_t
-                grad_log_scale = grad_log_scale + prox_weight * (var / var_t - 1)
+            grad_mean, grad_log_scale = proximal_gradients(
+                mean, log_scale, mean_t, var_t, st, prox_weight=prox_weight,
+                mean_update=mean_update)
             _adam(mean, grad_mean, mean_avgs[i], mean_avg_sqs[i], step, lr, beta1, beta2, eps)
             if update_scale:
                 _adam(log_scale, grad_log_scale, scale_avgs[i], scale_avg_sqs[i], step,
