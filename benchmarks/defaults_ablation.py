@@ -1,9 +1,10 @@
 """Ablation of ProxScoreOptimizer's defaults on real data (DESIGN.md §1, open question).
 
-For each dataset, trains the same MLP with the same unchanged loop under Adam (point estimate)
-and Adam MAP (the same prior as an L2 penalty), and under ProxScoreOptimizer variants that differ in one choice at a time from the defaults:
-the mean's gradient (``mean_update``), ``init_std``, ``scale_lr_ratio``, ``warmup_steps``.
-Prints test accuracy / NLL / ECE (mean ± std over seeds) as a markdown table.
+For each dataset, trains the same MLP with the same unchanged loop under Adam (point estimate),
+Adam MAP (the same N(0, 1) prior as an L2 penalty) and ProxScoreOptimizer variants that differ
+in one choice at a time from the defaults: the mean's gradient (``mean_update``), ``init_std``,
+``scale_lr_ratio``, ``warmup_steps``. Prints test accuracy / NLL / ECE (mean ± std over seeds)
+and the median posterior std at the end of training as a markdown table.
 
     python benchmarks/defaults_ablation.py --datasets digits breast_cancer --seeds 3
     python benchmarks/defaults_ablation.py --datasets mnist --seeds 1 --epochs 10
@@ -16,8 +17,8 @@ import statistics
 import time
 
 import torch
-
 from common import evaluate, fit, mlp
+
 from torch_proxvi import ProxScoreOptimizer, datasets
 
 # (epochs, batch size, hidden width) per dataset: Adam reaches its best accuracy in this budget.
@@ -28,6 +29,7 @@ VARIANTS = {
     "mean_update=residual": {"mean_update": "residual"},
     "init_std=1e-2": {"init_std": 1e-2},
     "init_std=1e-4": {"init_std": 1e-4},
+    "init_std=3e-2": {"init_std": 3e-2},
     "residual, init_std=1e-2": {"mean_update": "residual", "init_std": 1e-2},
     "residual, init_std=1e-4": {"mean_update": "residual", "init_std": 1e-4},
     "scale_lr_ratio=0.1": {"scale_lr_ratio": 0.1},
@@ -55,7 +57,19 @@ def run(name: str, variant: str, seed: int, epochs: int | None, lr: float) -> di
             kw["warmup_steps"] = -(-len(data.x_train) // bs)
         opt = ProxScoreOptimizer(model.parameters(), lr=lr, dataset_size=len(data.x_train), **kw)
     fit(model, opt, data.x_train, data.y_train, epochs=ep, batch_size=bs, seed=seed)
-    return evaluate(model, opt, data.x_test, data.y_test)
+    result = evaluate(model, opt, data.x_test, data.y_test)
+    if isinstance(opt, ProxScoreOptimizer):
+        stds = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
+        result["std"] = float(stds.median())
+    return result
+
+
+def summary(runs: list[dict], key: str, scale: float = 1.0, digits: int = 3) -> str:
+    if key not in runs[0]:
+        return "–"
+    vals = [r[key] * scale for r in runs]
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.{digits}f} ± {sd:.{digits}f}"
 
 
 def main() -> None:
@@ -69,19 +83,14 @@ def main() -> None:
     torch.set_num_threads(2)
     for name in args.datasets:
         print(f"\n### {name} (lr {args.lr}, {args.seeds} seeds)\n")
-        print("| method | accuracy % | NLL | ECE % |")
-        print("|---|---|---|---|")
+        print("| method | accuracy % | NLL | ECE % | median posterior std |")
+        print("|---|---|---|---|---|")
         for variant in [*BASELINES, *args.variants]:
             t0 = time.time()
             runs = [run(name, variant, s, args.epochs, args.lr) for s in range(args.seeds)]
-
-            def fmt(key, scale=1.0, nd=3):
-                vals = [r[key] * scale for r in runs]
-                sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                return f"{statistics.mean(vals):.{nd}f} ± {sd:.{nd}f}"
-
             label = variant if variant in BASELINES else f"ProxScore {variant}"
-            print(f"| {label} | {fmt('acc', 100, 1)} | {fmt('nll')} | {fmt('ece', 100, 1)} |"
+            print(f"| {label} | {summary(runs, 'acc', 100, 1)} | {summary(runs, 'nll')} "
+                  f"| {summary(runs, 'ece', 100, 1)} | {summary(runs, 'std', 1, 4)} |"
                   f"  <!-- {time.time() - t0:.0f}s -->", flush=True)
 
 

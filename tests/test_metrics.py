@@ -9,8 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from torch_proxvi.metrics import (accuracy, auroc, brier, ece, gaussian_nll, nll, ood_auroc,
-                                  predictive_entropy, reliability, rmse)
+from torch_proxvi.metrics import (
+    accuracy,
+    auroc,
+    brier,
+    ece,
+    gaussian_nll,
+    nll,
+    ood_auroc,
+    predictive_entropy,
+    reliability,
+    rmse,
+)
 
 T = torch.tensor
 NAN = float("nan")

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from test_inference import blr_problem, kl_to_optimal_mean_field
 from torch import nn
 
 from torch_proxvi import ProxScoreOptimizer
-
-from test_inference import blr_problem, kl_to_optimal_mean_field
 
 
 def quadratic_step(opt, model, target):
