@@ -13,6 +13,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_all_equal, assert_nested_equal, assert_not_all_equal, weights
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
@@ -24,8 +25,6 @@ def params_of(model):
     return list(model.parameters())
 
 
-def weights(model):
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def means(opt, model):
@@ -36,37 +35,12 @@ def stds(opt, model):
     return [opt.posterior_std(p).clone() for p in model.parameters()]
 
 
-def assert_all_equal(xs, ys, msg="tensors differ"):
-    ok = all_equal(xs, ys)
-    assert ok, msg
 
 
-def assert_not_all_equal(xs, ys, msg="tensors are all equal"):
-    same = all_equal(xs, ys)
-    assert not same, msg
 
 
-def all_equal(xs, ys):
-    return len(xs) == len(ys) and all(
-        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
-        for x, y in zip(xs, ys, strict=True))
 
 
-def assert_nested_equal(a, b, path="sd"):
-    """Exact equality of nested state_dict-like structures (tensors compared bitwise)."""
-    if torch.is_tensor(a):
-        ok = torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-        assert ok, path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            assert_nested_equal(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_nested_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 # ---------------------------------------------------------------------------- param groups

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import math
 import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_all_equal, assert_nested_equal, assert_not_all_equal, weights
 from torch import nn
 
 from torch_proxvi import ProxScoreOptimizer
@@ -16,42 +16,16 @@ from torch_proxvi import ProxScoreOptimizer
 NAN, INF = float("nan"), float("inf")
 
 
-def weights(model):
-    return [p.detach().clone() for p in model.parameters()]
 
 
-def assert_all_equal(xs, ys, msg="tensors differ"):
-    ok = all_equal(xs, ys)
-    assert ok, msg
 
 
-def assert_not_all_equal(xs, ys, msg="tensors are all equal"):
-    same = all_equal(xs, ys)
-    assert not same, msg
 
 
-def all_equal(xs, ys):
-    return len(xs) == len(ys) and all(
-        x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(xs, ys, strict=True))
 
 
-def nested_equal(a, b) -> bool:
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(
-            nested_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(
-            nested_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
-        return True
-    return a == b
 
 
-def assert_nested_equal(a, b, msg="optimizer state changed"):
-    ok = nested_equal(a, b)
-    assert ok, msg
 
 
 def full_state(opt):

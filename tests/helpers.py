@@ -1,0 +1,43 @@
+"""Comparison helpers shared by the test modules (exact, bitwise comparisons)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def weights(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def all_equal(xs, ys) -> bool:
+    return len(xs) == len(ys) and all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        for x, y in zip(xs, ys, strict=True))
+
+
+def assert_all_equal(xs, ys, msg="tensors differ"):
+    assert all_equal(xs, ys), msg
+
+
+def assert_not_all_equal(xs, ys, msg="tensors are all equal"):
+    assert not all_equal(xs, ys), msg
+
+
+def assert_nested_equal(a, b, path="state"):
+    """Exact equality of nested state_dict-like structures; ``path`` names the first mismatch."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_nested_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_nested_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        assert math.isnan(b), path
+    else:
+        assert a == b, path
