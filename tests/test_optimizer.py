@@ -121,3 +121,18 @@ def test_temperature_scales_the_likelihood_term():
     got = 1 / opt.posterior_std(model.weight).flatten() ** 2
     assert torch.allclose(got, expected[:-1], rtol=0.1), (got, expected)
     assert math.isfinite(float(got.sum()))
+
+
+def test_a_score_that_overflows_is_skipped_like_a_non_finite_gradient():
+    # Finite gradients whose score N * grad overflows float32 must not reach the state.
+    model = nn.Linear(3, 2)
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=1e10)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    (1e30 * model(torch.ones(1, 3))).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not any(opt.state[p] for p in model.parameters())  # no state was created
+    assert opt.skipped_steps == 1

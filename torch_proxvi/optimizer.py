@@ -203,9 +203,8 @@ class ProxScoreOptimizer(Optimizer):
             self._generators[key] = g
         return self._generators[key]
 
-    def _write_sample(self, p: Tensor, state: dict, generator: torch.Generator | None) -> None:
-        gen = generator if generator is not None else self._generator(p.device)
-        p.copy_(gaussian.sample(state, gen))
+    def _write_sample(self, p: Tensor, state: dict) -> None:
+        p.copy_(gaussian.sample(state, self._generator(p.device)))
 
     def _group_of(self, p: Tensor) -> dict:
         for group in self.param_groups:
@@ -246,15 +245,18 @@ class ProxScoreOptimizer(Optimizer):
             loss = None
             work = [(g, p) for g, p in self._params() if p.grad is not None]
             _check_sparse(work)
-            if not self._all_finite([p.grad for _, p in work]):
-                return self._skip(loss)
+            created = [p for _, p in work if not self.state.get(p)]
             stats = {p: self._score_stats(g, p, p.grad, self._state(p, g), None, 1.0)
                      for g, p in work}
+            if not self._finite(stats):
+                for p in created:
+                    del self.state[p]
+                return self._skip(loss)
         else:
             loss, work, stats = self._sample_and_score(closure)
         self._update(work, stats)
         for _, p in work:
-            self._write_sample(p, self.state[p], None)
+            self._write_sample(p, self.state[p])
         return loss
 
     def _sample_and_score(self, closure):
@@ -282,7 +284,7 @@ class ProxScoreOptimizer(Optimizer):
         try:
             for _ in range(k_samples):
                 for g, p in candidates:
-                    self._write_sample(p, self._state(p, g), None)
+                    self._write_sample(p, self._state(p, g))
                 with torch.enable_grad():
                     losses.append(closure())
                 with_grad = [(g, p) for g, p in candidates if p.grad is not None]
@@ -295,7 +297,7 @@ class ProxScoreOptimizer(Optimizer):
             raise
         loss = None if losses[0] is None else torch.stack(
             [torch.as_tensor(v).detach().float() for v in losses]).mean()
-        if not self._all_finite([t for st in stats.values() for t in (st.score_mean, st.u_mean)]):
+        if not self._finite(stats):
             undo()
             return self._skip(loss), [], {}
         for (_, p), saved in zip(candidates, backup):
@@ -305,10 +307,14 @@ class ProxScoreOptimizer(Optimizer):
                     del self.state[p]
         return loss, [(g, p) for g, p in candidates if p in stats], stats
 
-    def _all_finite(self, tensors: list[Tensor]) -> bool:
-        if not tensors:
-            return True
-        return bool(torch.stack([t.isfinite().all().cpu() for t in tensors]).all())
+    @staticmethod
+    def _finite(stats: dict[Tensor, F.ScoreStats]) -> bool:
+        """One sync: are all scores finite? NaN or inf anywhere in a gradient, or a score that
+        overflows, makes ``<u s>`` non-finite (0 * inf is NaN too)."""
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for st in stats.values():
+            by_device.setdefault(st.u_score_mean.device, []).append(st.u_score_mean.isfinite().all())
+        return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
     def _skip(self, loss):
         self.skipped_steps += 1
