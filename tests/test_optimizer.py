@@ -26,6 +26,8 @@ def test_prior_mean_centres_the_prior(prior_mean, expected):
     nn.init.constant_(model.weight, 0.5)
     opt = ProxScoreOptimizer(model.parameters(), lr=5e-2, dataset_size=10, prior_precision=4.0,
                              prior_mean=prior_mean, init_std=0.3, mean_update="residual")
+    with torch.no_grad():  # weights changed after construction: "init" means at construction
+        model.weight.fill_(2.0)
     for _ in range(1000):
         opt.zero_grad()
         (0.0 * model.weight).sum().backward()

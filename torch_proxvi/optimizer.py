@@ -103,7 +103,7 @@ class ProxScoreOptimizer(Optimizer):
         lr: Adam learning rate of the variational mean.
         dataset_size: number of training examples N (required).
         prior_precision: :math:`\lambda_0` of the Gaussian prior :math:`N(\mu_0, 1/\lambda_0)`.
-        prior_mean: ``"zero"`` or ``"init"`` (the weights when first stepped; for fine-tuning).
+        prior_mean: ``"zero"`` or ``"init"`` (the weights at construction; for fine-tuning).
         family: variational family, ``"gaussian"`` (mean-field).
         init_std: initial posterior standard deviation of every weight.
         mc_samples: K, samples per step when ``step`` gets a closure.
@@ -176,23 +176,37 @@ class ProxScoreOptimizer(Optimizer):
     # ------------------------------------------------------------------ groups and state
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
         try:
-            _validate_group(self.param_groups[-1])
+            _validate_group(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        if group["prior_mean"] == "init":  # the weights now, before any sample is written
+            for p in group["params"]:
+                self.state[p]["prior_mean"] = p.detach().to(gaussian.state_dtype(p), copy=True)
+
+    def _has_posterior(self, p: Tensor) -> bool:
+        return "mean" in self.state.get(p, ())
+
+    def _forget(self, p: Tensor) -> None:
+        """Back to the state before ``p``'s first step (only a prior mean, if any)."""
+        prior_mean = self.state[p].get("prior_mean")
+        if prior_mean is None:
+            self.state.pop(p, None)
+        else:
+            self.state[p] = {"prior_mean": prior_mean}
 
     def _params(self, with_state: bool = False) -> Iterator[tuple[dict, Tensor]]:
         for group in self.param_groups:
             for p in group["params"]:
-                if not with_state or p in self.state and self.state[p]:
+                if not with_state or self._has_posterior(p):
                     yield group, p
 
     def _state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         state = self.state[p]
-        if not state:
-            gaussian.init_state(state, p, init_std=group["init_std"],
-                                keep_prior_mean=group["prior_mean"] == "init")
+        if "mean" not in state:
+            gaussian.init_state(state, p, init_std=group["init_std"])
         return state
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -245,12 +259,12 @@ class ProxScoreOptimizer(Optimizer):
             loss = None
             work = [(g, p) for g, p in self._params() if p.grad is not None]
             _check_sparse(work)
-            created = [p for _, p in work if not self.state.get(p)]
+            created = [p for _, p in work if not self._has_posterior(p)]
             stats = {p: self._score_stats(g, p, p.grad, self._state(p, g), None, 1.0)
                      for g, p in work}
             if not self._finite(stats):
                 for p in created:
-                    del self.state[p]
+                    self._forget(p)
                 return self._skip(loss)
         else:
             loss, work, stats = self._sample_and_score(closure)
@@ -268,7 +282,7 @@ class ProxScoreOptimizer(Optimizer):
         candidates = [(g, p) for g, p in self._params() if p.requires_grad]
         backup = [p.detach().clone() for _, p in candidates]
         rng = {dev: gen.get_state() for dev, gen in self._generators.items()}
-        had_state = {p for _, p in candidates if self.state.get(p)}
+        had_state = {p for _, p in candidates if self._has_posterior(p)}
         k_samples = max((g["mc_samples"] for g, _ in candidates), default=1)
         stats: dict[Tensor, F.ScoreStats] = {}
         losses = []
@@ -277,7 +291,7 @@ class ProxScoreOptimizer(Optimizer):
             for (_, p), saved in zip(candidates, backup):
                 p.copy_(saved)
                 if p not in had_state:
-                    self.state.pop(p, None)
+                    self._forget(p)
             for dev, state in rng.items():
                 self._generators[dev].set_state(state)
 
@@ -304,7 +318,7 @@ class ProxScoreOptimizer(Optimizer):
             if p not in stats:  # no gradient: untouched
                 p.copy_(saved)
                 if p not in had_state:
-                    del self.state[p]
+                    self._forget(p)
         return loss, [(g, p) for g, p in candidates if p in stats], stats
 
     @staticmethod
@@ -353,10 +367,10 @@ class ProxScoreOptimizer(Optimizer):
     def _state_or_initial(self, p: Tensor) -> dict[str, Tensor]:
         """The state of ``p``, or what it will be at its first step (without storing it)."""
         group = self._group_of(p)
-        if self.state.get(p):
+        if self._has_posterior(p):
             return self.state[p]
         initial: dict[str, Tensor] = {}
-        gaussian.init_state(initial, p, init_std=group["init_std"], keep_prior_mean=False)
+        gaussian.init_state(initial, p, init_std=group["init_std"])
         return initial
 
     def posterior_mean(self, p: Tensor) -> Tensor:

@@ -10,7 +10,8 @@ parameters) whatever the weights' dtype:
 ``step``
     Adam's step count (a CPU scalar tensor, as in ``torch.optim.Adam``);
 ``prior_mean``
-    only with ``prior_mean="init"``: the weights when the optimizer first saw them.
+    only with ``prior_mean="init"``: the weights when the parameter group was added (set by the
+    optimizer at construction, before any other state).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def init_state(state: dict, p: Tensor, *, init_std: float, keep_prior_mean: bool) -> None:
+def init_state(state: dict, p: Tensor, *, init_std: float) -> None:
     """Fill ``state`` for parameter ``p``: mean at the current weights, std ``init_std``."""
     m = p.detach().to(state_dtype(p), copy=True)
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -36,8 +37,6 @@ def init_state(state: dict, p: Tensor, *, init_std: float, keep_prior_mean: bool
     state["log_scale"] = torch.full_like(m, math.log(init_std))
     for name in ("mean_exp_avg", "mean_exp_avg_sq", "log_scale_exp_avg", "log_scale_exp_avg_sq"):
         state[name] = torch.zeros_like(m)
-    if keep_prior_mean:
-        state["prior_mean"] = m.clone()
 
 
 def sample(state: dict, generator: torch.Generator | None) -> Tensor:
