@@ -13,62 +13,58 @@ import torch
 from torch import nn
 
 from torch_proxvi import ProxScoreOptimizer
+from torch_proxvi.testing import linear_regression, mean_field_kl
 
 MEAN_UPDATES = ["score", "residual"]
 
 
-def blr_problem(n=200, d=5, noise=0.5, prior_precision=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(d, 1, generator=g, dtype=torch.float64)
-    y = x @ w + 0.3 + noise * torch.randn(n, 1, generator=g, dtype=torch.float64)
-    design = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)  # weight..., bias
-    precision = design.T @ design / noise**2 + prior_precision * torch.eye(d + 1, dtype=torch.float64)
-    mean = torch.linalg.solve(precision, design.T @ y / noise**2).squeeze(1)
-    return x, y, mean, torch.diag(precision)
-
-
-def kl_to_optimal_mean_field(opt, model, mean, precision_diag):
-    """KL(q || q*) with q* = N(mean, diag(1 / precision_diag)), summed over the d + 1 weights."""
+def kl_to_optimal_mean_field(opt, model, problem):
     params = [model.weight, model.bias]
-    m = torch.cat([opt.posterior_mean(p).flatten() for p in params])
-    var = torch.cat([opt.posterior_std(p).flatten() for p in params]) ** 2
-    var_star = 1 / precision_diag
-    return float(0.5 * (var / var_star + (m - mean) ** 2 / var_star - 1
-                        + torch.log(var_star / var)).sum())
+    mean = torch.cat([opt.posterior_mean(p).flatten() for p in params])
+    std = torch.cat([opt.posterior_std(p).flatten() for p in params])
+    return mean_field_kl(mean, std, problem.mean, problem.precision_diag)
 
 
-def fit_blr(mean_update, batch_size, steps, lr, decay, seed=0):
-    x, y, mean, prec = blr_problem()
-    noise, n = 0.5, len(x)
+def fit_blr(mean_update, batch_size, steps, lr, decay, seed=0, use_closure=False, **options):
+    """Fit ``nn.Linear`` to the BLR problem with an ordinary loss; return (KL, optimizer, model)."""
+    problem = linear_regression()
+    n = len(problem.x)
     torch.manual_seed(seed)
-    model = nn.Linear(x.shape[1], 1).double()
-    opt = ProxScoreOptimizer(model.parameters(), lr=lr, dataset_size=n, prior_precision=1.0,
-                             init_std=0.1, mean_update=mean_update)
+    model = nn.Linear(problem.x.shape[1], 1).double()
+    opt = ProxScoreOptimizer(model.parameters(), lr=lr, dataset_size=n,
+                             prior_precision=problem.prior_precision, mean_update=mean_update,
+                             **{"init_std": 0.1, **options})
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / decay))
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randperm(n, generator=g)[:batch_size]
-        opt.zero_grad()
-        # an ordinary regression loss: the mean Gaussian NLL (MSE / 2 noise^2) of the batch
-        loss = 0.5 * ((model(x[idx]) - y[idx]) ** 2).mean() / noise**2
-        loss.backward()
-        opt.step()
+
+        def closure(idx=idx):
+            opt.zero_grad()
+            loss = problem.loss(model(problem.x[idx]), problem.y[idx])
+            loss.backward()
+            return loss
+
+        if use_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
         sched.step()
-    return kl_to_optimal_mean_field(opt, model, mean, prec)
+    return kl_to_optimal_mean_field(opt, model, problem), opt, model
 
 
 @pytest.mark.parametrize("mean_update", MEAN_UPDATES)
 def test_blr_full_batch_recovers_optimal_mean_field(mean_update):
     # KL at init is ~2400; 0.05 nats over 6 weights is a <10% error in every std and a
     # mean error of a small fraction of a posterior std.
-    kl = fit_blr(mean_update, batch_size=200, steps=12000, lr=1e-2, decay=500)
+    kl, _, _ = fit_blr(mean_update, batch_size=200, steps=12000, lr=1e-2, decay=500)
     assert kl <= 0.05, kl
 
 
 @pytest.mark.parametrize("mean_update", MEAN_UPDATES)
 def test_blr_minibatch_noise_does_not_bias_the_solution(mean_update):
-    kl = fit_blr(mean_update, batch_size=64, steps=8000, lr=1e-2, decay=500)
+    kl, _, _ = fit_blr(mean_update, batch_size=64, steps=8000, lr=1e-2, decay=500)
     assert kl <= 0.5, kl
 
 

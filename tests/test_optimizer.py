@@ -1,13 +1,12 @@
 """What is special to ProxScoreOptimizer (the generic contract is in test_contract.py)."""
 
-import math
-
 import pytest
 import torch
-from test_inference import blr_problem, kl_to_optimal_mean_field
+from test_inference import fit_blr
 from torch import nn
 
 from torch_proxvi import ProxScoreOptimizer
+from torch_proxvi.testing import linear_regression
 
 
 def quadratic_step(opt, model, target):
@@ -68,61 +67,30 @@ def test_warmup_freezes_the_scale_and_scale_lr_ratio_scales_it():
 
 def test_closure_with_several_samples_recovers_the_blr_posterior():
     # K = 4 samples per step, scores averaged over them: same fixed point as K = 1.
-    x, y, mean, prec = blr_problem()
-    torch.manual_seed(0)
-    model = nn.Linear(x.shape[1], 1).double()
-    opt = ProxScoreOptimizer(model.parameters(), lr=3e-2, dataset_size=len(x), init_std=0.1,
-                             mc_samples=4, mean_update="residual")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / 300))
-
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * ((model(x) - y) ** 2).mean() / 0.5**2
-        loss.backward()
-        return loss
-
-    for _ in range(4000):
-        opt.step(closure)
-        sched.step()
-    assert kl_to_optimal_mean_field(opt, model, mean, prec) <= 0.05
+    kl, _, _ = fit_blr("residual", batch_size=200, steps=4000, lr=3e-2, decay=300,
+                       use_closure=True, mc_samples=4)
+    assert kl <= 0.05
 
 
 def test_inner_steps_with_prox_weight_reach_the_same_posterior():
-    # More inner steps per sample, with the KL trust region, converge to the same fixed point.
-    x, y, mean, prec = blr_problem()
-    torch.manual_seed(0)
-    model = nn.Linear(x.shape[1], 1).double()
-    opt = ProxScoreOptimizer(model.parameters(), lr=3e-2, dataset_size=len(x), init_std=0.1,
-                             inner_steps=3, prox_weight=1.0, mean_update="residual")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / 300))
-    for _ in range(4000):
-        opt.zero_grad()
-        (0.5 * ((model(x) - y) ** 2).mean() / 0.5**2).backward()
-        opt.step()
-        sched.step()
-    assert kl_to_optimal_mean_field(opt, model, mean, prec) <= 0.05
+    # More inner steps per sample, with the KL trust region, converge to the same fixed point
+    # (4 seeds measured 0.004-0.025 at this budget).
+    kl, opt, model = fit_blr("residual", batch_size=200, steps=4000, lr=3e-2, decay=300,
+                             inner_steps=3, prox_weight=1.0)
+    assert kl <= 0.05
     assert float(opt.state[model.weight]["step"]) == 3 * 4000
 
 
 def test_temperature_scales_the_likelihood_term():
-    # Cold posterior (T < 1) on BLR: the optimal mean-field precision is diag(X'X / (T s^2) + l).
-    x, y, _, _ = blr_problem()
+    # Cold posterior (T < 1): the optimal mean-field precision is diag(X'X / (T s^2)) + prior.
     t = 0.25
-    torch.manual_seed(0)
-    model = nn.Linear(x.shape[1], 1).double()
-    opt = ProxScoreOptimizer(model.parameters(), lr=3e-2, dataset_size=len(x), init_std=0.05,
-                             temperature=t, mean_update="residual")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s / 300))
-    for _ in range(6000):
-        opt.zero_grad()
-        (0.5 * ((model(x) - y) ** 2).mean() / 0.5**2).backward()
-        opt.step()
-        sched.step()
-    design = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    expected = torch.diag(design.T @ design) / (t * 0.25) + 1.0
+    _, opt, model = fit_blr("residual", batch_size=200, steps=6000, lr=3e-2, decay=300,
+                            temperature=t, init_std=0.05)
+    problem = linear_regression()
+    likelihood_part = problem.precision_diag - problem.prior_precision
+    expected = likelihood_part / t + problem.prior_precision
     got = 1 / opt.posterior_std(model.weight).flatten() ** 2
     assert torch.allclose(got, expected[:-1], rtol=0.1), (got, expected)
-    assert math.isfinite(float(got.sum()))
 
 
 def test_a_score_that_overflows_is_skipped_like_a_non_finite_gradient():
