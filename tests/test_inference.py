@@ -13,45 +13,23 @@ import torch
 from torch import nn
 
 from torch_proxvi import ProxScoreOptimizer
-from torch_proxvi.testing import linear_regression, mean_field_kl
+from torch_proxvi.testing import fit_linear_regression, linear_regression
 
 MEAN_UPDATES = ["score", "residual"]
 
 
-def kl_to_optimal_mean_field(opt, model, problem):
-    params = [model.weight, model.bias]
-    mean = torch.cat([opt.posterior_mean(p).flatten() for p in params])
-    std = torch.cat([opt.posterior_std(p).flatten() for p in params])
-    return mean_field_kl(mean, std, problem.mean, problem.precision_diag)
-
-
 def fit_blr(mean_update, batch_size, steps, lr, decay, seed=0, use_closure=False, **options):
-    """Fit ``nn.Linear`` to the BLR problem with an ordinary loss; return (KL, optimizer, model)."""
+    """ProxScore on the closed-form BLR problem; returns (KL to the optimum, optimizer, model)."""
     problem = linear_regression()
-    n = len(problem.x)
-    torch.manual_seed(seed)
-    model = nn.Linear(problem.x.shape[1], 1).double()
-    opt = ProxScoreOptimizer(model.parameters(), lr=lr, dataset_size=n,
-                             prior_precision=problem.prior_precision, mean_update=mean_update,
-                             **{"init_std": 0.1, **options})
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / decay))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randperm(n, generator=g)[:batch_size]
 
-        def closure(idx=idx):
-            opt.zero_grad()
-            loss = problem.loss(model(problem.x[idx]), problem.y[idx])
-            loss.backward()
-            return loss
+    def make(params, n):
+        return ProxScoreOptimizer(params, lr=lr, dataset_size=n, mean_update=mean_update,
+                                  prior_precision=problem.prior_precision,
+                                  **{"init_std": 0.1, **options})
 
-        if use_closure:
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
-        sched.step()
-    return kl_to_optimal_mean_field(opt, model, problem), opt, model
+    model, opt, kl = fit_linear_regression(make, problem, batch_size=batch_size, steps=steps,
+                                           decay=decay, seed=seed, use_closure=use_closure)
+    return kl, opt, model
 
 
 @pytest.mark.parametrize("mean_update", MEAN_UPDATES)

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["LinearRegression", "linear_regression", "mean_field_kl"]
+__all__ = ["LinearRegression", "linear_regression", "mean_field_kl", "fit_linear_regression"]
 
 
 class LinearRegression(NamedTuple):
@@ -47,3 +47,37 @@ def mean_field_kl(mean: Tensor, std: Tensor, target_mean: Tensor, target_precisi
     var, target_var = std.double() ** 2, 1 / target_precision
     return float(0.5 * (var / target_var + (mean.double() - target_mean) ** 2 / target_var - 1
                         + torch.log(target_var / var)).sum())
+
+
+def fit_linear_regression(make_optimizer, problem: LinearRegression, *, batch_size: int, steps: int,
+                          decay: float, seed: int = 0, use_closure: bool = False):
+    """Fit ``nn.Linear`` to ``problem`` with an ordinary loop and an lr decaying as 1/(1 + t/decay).
+
+    ``make_optimizer(params, dataset_size)`` builds the optimizer. Returns ``(model, optimizer,
+    kl)`` where ``kl`` is :func:`mean_field_kl` of the fitted posterior to the optimal mean field.
+    """
+    n = len(problem.x)
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(problem.x.shape[1], 1).double()
+    opt = make_optimizer(model.parameters(), n)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / decay))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=g)[:batch_size]
+
+        def closure(idx=idx):
+            opt.zero_grad()
+            loss = problem.loss(model(problem.x[idx]), problem.y[idx])
+            loss.backward()
+            return loss
+
+        if use_closure:
+            opt.step(closure)
+        else:
+            closure()
+            opt.step()
+        sched.step()
+    params = [model.weight, model.bias]
+    mean = torch.cat([opt.posterior_mean(p).flatten() for p in params])
+    std = torch.cat([opt.posterior_std(p).flatten() for p in params])
+    return model, opt, mean_field_kl(mean, std, problem.mean, problem.precision_diag)
