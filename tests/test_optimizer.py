@@ -98,3 +98,14 @@ def test_a_score_that_overflows_is_skipped_like_a_non_finite_gradient():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert not any(opt.state[p] for p in model.parameters())  # no state was created
     assert opt.skipped_steps == 1
+
+
+def test_numpy_numbers_are_accepted_as_hyperparameters():
+    import numpy as np
+
+    model = nn.Linear(2, 2)
+    opt = ProxScoreOptimizer(model.parameters(), lr=np.float32(1e-3), dataset_size=np.int64(100),
+                             mc_samples=np.int64(2))
+    assert opt.param_groups[0]["dataset_size"] == 100
+    with pytest.raises(ValueError, match="Invalid dataset_size"):
+        ProxScoreOptimizer(model.parameters(), dataset_size=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from itertools import chain
@@ -35,6 +36,11 @@ def _check(cond: bool, name: str, value: Any, rule: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r} ({rule})")
 
 
+def _is_real(v: Any) -> bool:
+    """A real number (Python or numpy), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _validate_group(group: dict[str, Any]) -> None:
     """Raise a ValueError naming the first invalid hyperparameter of ``group``."""
     n = group["dataset_size"]
@@ -44,26 +50,26 @@ def _validate_group(group: dict[str, Any]) -> None:
             "number of training examples, e.g. dataset_size=len(train_set); the gradient of a "
             "mean loss is multiplied by it to get the posterior score"
         )
-    _check(isinstance(n, (int, float)) and math.isfinite(n) and n > 0, "dataset_size", n,
+    _check(_is_real(n) and math.isfinite(n) and n > 0, "dataset_size", n,
            "must be a positive number: the number of training examples")
     lr = group["lr"]
-    _check(isinstance(lr, (int, float)) and 0 <= lr < math.inf, "learning rate", lr,
+    _check(_is_real(lr) and 0 <= lr < math.inf, "learning rate", lr,
            "must be a finite float >= 0")
     for name in ("prior_precision", "init_std", "temperature"):
         v = group[name]
-        _check(isinstance(v, (int, float)) and 0 < v < math.inf, name, v,
+        _check(_is_real(v) and 0 < v < math.inf, name, v,
                "must be a finite float > 0")
     for name in ("prox_weight", "eps", "scale_lr_ratio"):
         v = group[name]
-        _check(isinstance(v, (int, float)) and 0 <= v < math.inf, name, v,
+        _check(_is_real(v) and 0 <= v < math.inf, name, v,
                "must be a finite float >= 0")
     for name, low in (("mc_samples", 1), ("inner_steps", 1), ("warmup_steps", 0)):
         v = group[name]
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= low, name, v,
+        _check(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= low, name, v,
                f"must be an int >= {low}")
     betas = group["betas"]
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2
-           and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+           and all(_is_real(b) and 0 <= b < 1 for b in betas),
            "betas", betas, "must be two floats in [0, 1)")
     for name, allowed in (("family", _FAMILIES), ("prior_mean", _PRIOR_MEANS),
                           ("mean_update", _MEAN_UPDATES)):
@@ -157,7 +163,7 @@ class ProxScoreOptimizer(Optimizer):
         defaults = dict(
             lr=lr, dataset_size=dataset_size, prior_precision=prior_precision,
             prior_mean=prior_mean, family=family, init_std=init_std, mc_samples=mc_samples,
-            inner_steps=inner_steps, prox_weight=prox_weight, betas=tuple(betas), eps=eps,
+            inner_steps=inner_steps, prox_weight=prox_weight, betas=betas, eps=eps,
             temperature=temperature, mean_update=mean_update, scale_lr_ratio=scale_lr_ratio,
             warmup_steps=warmup_steps,
         )
