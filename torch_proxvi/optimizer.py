@@ -347,13 +347,12 @@ class ProxScoreOptimizer(Optimizer):
 
     def _update(self, work, stats) -> None:
         # Group by (hyperparameters, device, dtype, step) so each call is one foreach batch.
-        batches: dict[tuple, list[Tensor]] = {}
+        batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
         for group, p in work:
             state = self.state[p]
             key = (id(group), state["mean"].device, state["mean"].dtype, float(state["step"]))
-            batches.setdefault(key, []).append(p)
-        for (group_id, *_), ps in batches.items():
-            group = next(g for g in self.param_groups if id(g) == group_id)
+            batches.setdefault(key, (group, []))[1].append(p)
+        for group, ps in batches.values():
             states = [self.state[p] for p in ps]
             outer_steps = float(states[0]["step"]) // group["inner_steps"]
             F.gaussian_update(
@@ -471,10 +470,11 @@ class ProxScoreOptimizer(Optimizer):
         id_map = dict(zip(saved_ids, params))
         for pid, saved in state_dict["state"].items():
             p = id_map.get(pid)
-            if p is not None and "mean" in saved and saved["mean"].shape != p.shape:
+            shapes = {tuple(v.shape) for k, v in saved.items() if k != "step" and torch.is_tensor(v)}
+            if p is not None and shapes - {tuple(p.shape)}:
                 raise ValueError(
                     f"state_dict does not match this model: saved state of shape "
-                    f"{tuple(saved['mean'].shape)} for a parameter of shape {tuple(p.shape)}; "
+                    f"{sorted(shapes)} for a parameter of shape {tuple(p.shape)}; "
                     f"load a checkpoint of the same model and parameter order")
         super().load_state_dict(state_dict)
         # torch casts state to the parameter dtype; the variational state stays float32/64.
