@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_proxvi import ProxScoreOptimizer
+from torch_proxvi import ADVI, ProxScoreOptimizer
 
 OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, **kw}
     ),
+    "advi": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, **kw}),
 }
 
 N_FEATURES = 5

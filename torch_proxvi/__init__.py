@@ -4,8 +4,9 @@
 """
 
 from . import metrics
+from .baselines import ADVI
 from .optimizer import ProxScoreOptimizer
 from .predictive import predictive
 
-__all__ = ["ProxScoreOptimizer", "metrics", "predictive"]
+__all__ = ["ProxScoreOptimizer", "ADVI", "metrics", "predictive"]
 __version__ = "0.1.0"

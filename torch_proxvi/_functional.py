@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ScoreStats", "score", "accumulate_stats", "proximal_gradients", "gaussian_update"]
+__all__ = ["ScoreStats", "score", "accumulate_stats", "proximal_gradients", "gaussian_update",
+           "elbo_gradients"]
 
 # exp(2 * log_scale) must stay a normal float32 number: std in [exp(-30), exp(20)].
 LOG_SCALE_MIN = -30.0
@@ -229,3 +230,22 @@ def gaussian_update(
         lr=lr, scale_lr=scale_lr, betas=betas, eps=eps, inner_steps=inner_steps,
         prox_weight=prox_weight, mean_update=mean_update, update_scale=update_scale,
     )
+
+
+def elbo_gradients(mean, log_scale, mean_t, stats: ScoreStats, prior_mean, *, prior_precision):
+    r"""Reparameterised gradients of the negative ELBO (ADVI) at ``q_t``, single tensor.
+
+    With :math:`\theta = m + \sigma\epsilon`, :math:`u = \sigma\epsilon` and the likelihood
+    score :math:`s_\ell = \hat s + \lambda_0 (\theta - \mu_0)` (the stats hold the full score
+    :math:`\hat s`), and the Gaussian prior's KL taken analytically:
+
+    * ``d/d mean      = -<s_l>     + prior_precision * (mean - prior_mean)``
+    * ``d/d log_scale = -<u s_l>   + prior_precision * sigma^2 - 1``
+    """
+    centred_t = mean_t if prior_mean is None else mean_t - prior_mean
+    centred = mean if prior_mean is None else mean - prior_mean
+    lik_score = stats.score_mean + prior_precision * (stats.u_mean + centred_t)
+    lik_u_score = stats.u_score_mean + prior_precision * (stats.u_sq_mean + stats.u_mean * centred_t)
+    grad_mean = -lik_score + prior_precision * centred
+    grad_log_scale = -lik_u_score + prior_precision * torch.exp(2 * log_scale) - 1
+    return grad_mean, grad_log_scale

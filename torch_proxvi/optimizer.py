@@ -354,19 +354,21 @@ class ProxScoreOptimizer(Optimizer):
             batches.setdefault(key, (group, []))[1].append(p)
         for group, ps in batches.values():
             states = [self.state[p] for p in ps]
-            outer_steps = float(states[0]["step"]) // group["inner_steps"]
-            F.gaussian_update(
-                [s["mean"] for s in states], [s["log_scale"] for s in states],
-                [stats[p] for p in ps],
-                [s["mean_exp_avg"] for s in states], [s["mean_exp_avg_sq"] for s in states],
-                [s["log_scale_exp_avg"] for s in states],
-                [s["log_scale_exp_avg_sq"] for s in states],
-                [s["step"] for s in states],
-                lr=group["lr"], scale_lr=group["lr"] * group["scale_lr_ratio"],
-                betas=group["betas"], eps=group["eps"], inner_steps=group["inner_steps"],
-                prox_weight=group["prox_weight"], mean_update=group["mean_update"],
-                update_scale=outer_steps >= group["warmup_steps"], foreach=self.foreach,
-            )
+            self._update_batch(group, states, [stats[p] for p in ps])
+
+    def _update_batch(self, group: dict, states: list[dict], stats: list[F.ScoreStats]) -> None:
+        """Move one batch of same-device, same-dtype, same-step states (the method's update)."""
+        outer_steps = float(states[0]["step"]) // group["inner_steps"]
+        F.gaussian_update(
+            [s["mean"] for s in states], [s["log_scale"] for s in states], stats,
+            [s["mean_exp_avg"] for s in states], [s["mean_exp_avg_sq"] for s in states],
+            [s["log_scale_exp_avg"] for s in states], [s["log_scale_exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"], scale_lr=group["lr"] * group["scale_lr_ratio"],
+            betas=group["betas"], eps=group["eps"], inner_steps=group["inner_steps"],
+            prox_weight=group["prox_weight"], mean_update=group["mean_update"],
+            update_scale=outer_steps >= group["warmup_steps"], foreach=self.foreach,
+        )
 
     # ------------------------------------------------------------------ posterior access
     def _state_or_initial(self, p: Tensor) -> dict[str, Tensor]:

@@ -1,0 +1,58 @@
+r"""ADVI: mean-field Gaussian VI by the reparameterised ELBO gradient, as a torch.optim optimizer.
+
+Same constructor, ``step``, sampling contexts, ``predictive``, ``posterior_mean/std`` and
+``state_dict`` as :class:`~torch_proxvi.ProxScoreOptimizer` (it is one, with a different update):
+each step takes Adam steps on :math:`(m, \log\sigma)` along
+
+.. math::
+    \nabla_m = -\langle s_\ell \rangle + \lambda_0 (m - \mu_0), \qquad
+    \nabla_{\log\sigma} = -\langle s_\ell\, \sigma\epsilon \rangle + \lambda_0 \sigma^2 - 1
+
+where :math:`s_\ell = -N \nabla L_B / T` is the likelihood score at the sample
+:math:`\theta = m + \sigma\epsilon` and the Gaussian prior's KL is analytic. ``inner_steps``,
+``prox_weight`` and ``mean_update`` do not apply and are fixed.
+
+Reference: Kucukelbir et al., "Automatic Differentiation Variational Inference", JMLR 2017.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _functional as F
+from ..optimizer import _REQUIRED, ProxScoreOptimizer
+
+__all__ = ["ADVI"]
+
+
+class ADVI(ProxScoreOptimizer):
+    """Mean-field ADVI with the ProxScoreOptimizer contract (see the module docstring)."""
+
+    def __init__(self, params, lr: float = 1e-3, *, dataset_size: float = _REQUIRED,
+                 prior_precision: float = 1.0, prior_mean: str = "zero", family: str = "gaussian",
+                 init_std: float = 1e-3, mc_samples: int = 1, betas=(0.9, 0.999), eps: float = 1e-8,
+                 temperature: float = 1.0, scale_lr_ratio: float = 1.0, warmup_steps: int = 0,
+                 generator: torch.Generator | None = None, foreach: bool | None = None):
+        super().__init__(params, lr, dataset_size=dataset_size, prior_precision=prior_precision,
+                         prior_mean=prior_mean, family=family, init_std=init_std,
+                         mc_samples=mc_samples, inner_steps=1, prox_weight=0.0, betas=betas,
+                         eps=eps, temperature=temperature, mean_update="score",
+                         scale_lr_ratio=scale_lr_ratio, warmup_steps=warmup_steps,
+                         generator=generator, foreach=foreach)
+
+    def _update_batch(self, group: dict, states: list[dict], stats: list[F.ScoreStats]) -> None:
+        beta1, beta2 = group["betas"]
+        update_scale = float(states[0]["step"]) >= group["warmup_steps"]
+        for state, st in zip(states, stats):
+            state["step"] += 1
+            step = float(state["step"])
+            grad_mean, grad_log_scale = F.elbo_gradients(
+                state["mean"], state["log_scale"], state["mean"], st, state.get("prior_mean"),
+                prior_precision=group["prior_precision"])
+            F._adam(state["mean"], grad_mean, state["mean_exp_avg"], state["mean_exp_avg_sq"],
+                    step, group["lr"], beta1, beta2, group["eps"])
+            if update_scale:
+                F._adam(state["log_scale"], grad_log_scale, state["log_scale_exp_avg"],
+                        state["log_scale_exp_avg_sq"], step, group["lr"] * group["scale_lr_ratio"],
+                        beta1, beta2, group["eps"])
+                state["log_scale"].clamp_(F.LOG_SCALE_MIN, F.LOG_SCALE_MAX)
