@@ -160,7 +160,7 @@ def test_against_numpy_and_sklearn_on_random_data():
     close(gaussian_nll(T(mu), T(var), T(t)), ref.item())
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.tuples(st.integers(-5, 5), st.booleans()), min_size=2, max_size=30))
 def test_auroc_flip_symmetry_and_range(pairs):
     labels = T([int(b) for _, b in pairs])
