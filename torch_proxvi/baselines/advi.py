@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from .. import _functional as F
-from ..optimizer import _REQUIRED, ProxScoreOptimizer
+from .._validation import _REQUIRED
+from ..optimizer import ProxScoreOptimizer
 
 __all__ = ["ADVI"]
 
