@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ScoreStats", "score", "accumulate_stats", "proximal_gradients", "gaussian_update",
-           "elbo_gradients"]
+__all__ = ["ScoreStats", "score", "accumulate_stats", "adam_step", "proximal_gradients",
+           "gaussian_update", "elbo_gradients"]
 
 # exp(2 * log_scale) must stay a normal float32 number: std in [exp(-30), exp(20)].
 LOG_SCALE_MIN = -30.0
@@ -89,6 +89,16 @@ def _adam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
     param.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
 
+def adam_step(mean, log_scale, grad_mean, grad_log_scale, mean_avg, mean_avg_sq, scale_avg,
+              scale_avg_sq, step, *, lr, scale_lr, betas, eps, update_scale):
+    """One Adam step on ``mean`` and (unless frozen) on the clamped ``log_scale``, single tensor."""
+    beta1, beta2 = betas
+    _adam(mean, grad_mean, mean_avg, mean_avg_sq, step, lr, beta1, beta2, eps)
+    if update_scale:
+        _adam(log_scale, grad_log_scale, scale_avg, scale_avg_sq, step, scale_lr, beta1, beta2, eps)
+        log_scale.clamp_(LOG_SCALE_MIN, LOG_SCALE_MAX)
+
+
 def proximal_gradients(mean, log_scale, mean_t, var_t, stats: ScoreStats, *, prox_weight,
                        mean_update):
     """Gradients of the proximal objective w.r.t. ``(mean, log_scale)`` (single tensor)."""
@@ -113,7 +123,6 @@ def _gaussian_update_single(
     means, log_scales, stats, mean_avgs, mean_avg_sqs, scale_avgs, scale_avg_sqs, steps,
     *, lr, scale_lr, betas, eps, inner_steps, prox_weight, mean_update, update_scale,
 ):
-    beta1, beta2 = betas
     for i, (mean, log_scale, st) in enumerate(zip(means, log_scales, stats)):
         mean_t = mean.clone()
         var_t = torch.exp(2 * log_scale)
@@ -123,11 +132,9 @@ def _gaussian_update_single(
             grad_mean, grad_log_scale = proximal_gradients(
                 mean, log_scale, mean_t, var_t, st, prox_weight=prox_weight,
                 mean_update=mean_update)
-            _adam(mean, grad_mean, mean_avgs[i], mean_avg_sqs[i], step, lr, beta1, beta2, eps)
-            if update_scale:
-                _adam(log_scale, grad_log_scale, scale_avgs[i], scale_avg_sqs[i], step,
-                      scale_lr, beta1, beta2, eps)
-                log_scale.clamp_(LOG_SCALE_MIN, LOG_SCALE_MAX)
+            adam_step(mean, log_scale, grad_mean, grad_log_scale, mean_avgs[i], mean_avg_sqs[i],
+                      scale_avgs[i], scale_avg_sqs[i], step, lr=lr, scale_lr=scale_lr,
+                      betas=betas, eps=eps, update_scale=update_scale)
 
 
 def _foreach_adam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps):
@@ -232,20 +239,19 @@ def gaussian_update(
     )
 
 
-def elbo_gradients(mean, log_scale, mean_t, stats: ScoreStats, prior_mean, *, prior_precision):
+def elbo_gradients(mean, log_scale, stats: ScoreStats, prior_mean, *, prior_precision):
     r"""Reparameterised gradients of the negative ELBO (ADVI) at ``q_t``, single tensor.
 
     With :math:`\theta = m + \sigma\epsilon`, :math:`u = \sigma\epsilon` and the likelihood
     score :math:`s_\ell = \hat s + \lambda_0 (\theta - \mu_0)` (the stats hold the full score
-    :math:`\hat s`), and the Gaussian prior's KL taken analytically:
+    :math:`\hat s`, averaged about ``mean``), and the Gaussian prior's KL taken analytically:
 
     * ``d/d mean      = -<s_l>     + prior_precision * (mean - prior_mean)``
     * ``d/d log_scale = -<u s_l>   + prior_precision * sigma^2 - 1``
     """
-    centred_t = mean_t if prior_mean is None else mean_t - prior_mean
     centred = mean if prior_mean is None else mean - prior_mean
-    lik_score = stats.score_mean + prior_precision * (stats.u_mean + centred_t)
-    lik_u_score = stats.u_score_mean + prior_precision * (stats.u_sq_mean + stats.u_mean * centred_t)
+    lik_score = stats.score_mean + prior_precision * (stats.u_mean + centred)
+    lik_u_score = stats.u_score_mean + prior_precision * (stats.u_sq_mean + stats.u_mean * centred)
     grad_mean = -lik_score + prior_precision * centred
     grad_log_scale = -lik_u_score + prior_precision * torch.exp(2 * log_scale) - 1
     return grad_mean, grad_log_scale

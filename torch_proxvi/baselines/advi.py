@@ -42,18 +42,14 @@ class ADVI(ProxScoreOptimizer):
                          generator=generator, foreach=foreach)
 
     def _update_batch(self, group: dict, states: list[dict], stats: list[F.ScoreStats]) -> None:
-        beta1, beta2 = group["betas"]
         update_scale = float(states[0]["step"]) >= group["warmup_steps"]
         for state, st in zip(states, stats):
             state["step"] += 1
-            step = float(state["step"])
             grad_mean, grad_log_scale = F.elbo_gradients(
-                state["mean"], state["log_scale"], state["mean"], st, state.get("prior_mean"),
+                state["mean"], state["log_scale"], st, state.get("prior_mean"),
                 prior_precision=group["prior_precision"])
-            F._adam(state["mean"], grad_mean, state["mean_exp_avg"], state["mean_exp_avg_sq"],
-                    step, group["lr"], beta1, beta2, group["eps"])
-            if update_scale:
-                F._adam(state["log_scale"], grad_log_scale, state["log_scale_exp_avg"],
-                        state["log_scale_exp_avg_sq"], step, group["lr"] * group["scale_lr_ratio"],
-                        beta1, beta2, group["eps"])
-                state["log_scale"].clamp_(F.LOG_SCALE_MIN, F.LOG_SCALE_MAX)
+            F.adam_step(state["mean"], state["log_scale"], grad_mean, grad_log_scale,
+                        state["mean_exp_avg"], state["mean_exp_avg_sq"], state["log_scale_exp_avg"],
+                        state["log_scale_exp_avg_sq"], float(state["step"]), lr=group["lr"],
+                        scale_lr=group["lr"] * group["scale_lr_ratio"], betas=group["betas"],
+                        eps=group["eps"], update_scale=update_scale)
