@@ -16,14 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_proxvi import ADVI, ProxScoreOptimizer
+from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer
 
 OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, **kw}
     ),
     "advi": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, **kw}),
+    "gsm": lambda params, **kw: GSM(params, **{"lr": 0.3, "dataset_size": 64, **kw}),
+    "bam": lambda params, **kw: BaM(params, **{"lr": 1.0, "dataset_size": 64, **kw}),
 }
+# An lr whose few steps move the posterior mean by far less than bf16's spacing (~1e-3) yet
+# visibly in float32: Adam-type updates move by ~lr; GSM's and BaM's lr scale a closed-form
+# step of the order of the posterior std (1e-3 at init), so they need a larger value.
+SMALL_LR = {"proxscore": 1e-5, "advi": 1e-5, "gsm": 1e-2, "bam": 1e-2}
+for _name, _factory in OPTIMIZERS.items():
+    _factory.small_lr = SMALL_LR[_name]
 
 N_FEATURES = 5
 N_HIDDEN = 8

@@ -273,7 +273,7 @@ def shaped_state(opt, p):
 
 
 def test_bf16_weights_keep_float32_state(make_opt, make_model, data, train):
-    lr = 1e-5  # 5 steps move a weight by ~5e-5, far below bf16's spacing (~1e-3 near 0.3)
+    lr = make_opt.small_lr  # 5 steps move a weight far below bf16's spacing (~1e-3 near 0.3)
     model = make_model(dtype=torch.bfloat16)
     opt = make_opt(model.parameters(), lr=lr)
     x, y = data

@@ -4,9 +4,9 @@
 """
 
 from . import metrics
-from .baselines import ADVI
+from .baselines import ADVI, GSM, BaM
 from .optimizer import ProxScoreOptimizer
 from .predictive import predictive
 
-__all__ = ["ProxScoreOptimizer", "ADVI", "metrics", "predictive"]
+__all__ = ["ProxScoreOptimizer", "ADVI", "GSM", "BaM", "metrics", "predictive"]
 __version__ = "0.1.0"

@@ -53,6 +53,11 @@ class ScoreStats:
     score_mean: Tensor
     u_score_mean: Tensor
 
+    @property
+    def probe(self) -> Tensor:
+        """Non-finite wherever a score was (0 * inf is NaN too): the optimizer's skip test."""
+        return self.u_score_mean
+
     @classmethod
     def zeros_like(cls, t: Tensor) -> ScoreStats:
         return cls(*(torch.zeros_like(t) for _ in range(4)))

@@ -103,6 +103,7 @@ class ProxScoreOptimizer(Optimizer):
             temperature=temperature, mean_update=mean_update, scale_lr_ratio=scale_lr_ratio,
             warmup_steps=warmup_steps,
         )
+        defaults.update(self._extra_defaults())
         self.foreach = True if foreach is None else bool(foreach)
         self.skipped_steps = 0
         self._mode = "train"
@@ -116,6 +117,10 @@ class ProxScoreOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Group keys a subclass adds (set as attributes before ``__init__`` runs)."""
+        return {}
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -148,8 +153,12 @@ class ProxScoreOptimizer(Optimizer):
     def _state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         state = self.state[p]
         if "mean" not in state:
-            gaussian.init_state(state, p, init_std=group["init_std"])
+            self._init_state(state, p, group)
         return state
+
+    def _init_state(self, state: dict, p: Tensor, group: dict) -> None:
+        """Fill the state of ``p`` at its first step (the family's storage)."""
+        gaussian.init_state(state, p, init_std=group["init_std"])
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -159,8 +168,19 @@ class ProxScoreOptimizer(Optimizer):
             self._generators[key] = g
         return self._generators[key]
 
-    def _write_sample(self, p: Tensor, state: dict) -> None:
-        p.copy_(gaussian.sample(state, self._generator(p.device)))
+    def _draw(self, pairs, generator_of: Callable[[torch.device], torch.Generator | None]
+              ) -> dict[Tensor, Tensor]:
+        """One posterior sample for each ``(group, p)`` of ``pairs`` (which have state)."""
+        return {p: gaussian.sample(self.state[p], generator_of(p.device)) for _, p in pairs}
+
+    def _write_samples(self, pairs) -> None:
+        """Write a fresh training sample (training RNG) into each parameter of ``pairs``."""
+        for p, value in self._draw(pairs, self._generator).items():
+            p.copy_(value)
+
+    def _check_work(self, work) -> None:
+        """Refuse a step before anything changes (sparse gradients; subclasses add rules)."""
+        check_sparse(work)
 
     def _group_of(self, p: Tensor) -> dict:
         for group in self.param_groups:
@@ -200,7 +220,7 @@ class ProxScoreOptimizer(Optimizer):
         if closure is None:
             loss = None
             work = [(g, p) for g, p in self._params() if p.grad is not None]
-            check_sparse(work)
+            self._check_work(work)
             created = [p for _, p in work if not self._has_posterior(p)]
             stats = {p: self._score_stats(g, p, p.grad, self._state(p, g), None, 1.0)
                      for g, p in work}
@@ -211,8 +231,7 @@ class ProxScoreOptimizer(Optimizer):
         else:
             loss, work, stats = self._sample_and_score(closure)
         self._update(work, stats)
-        for _, p in work:
-            self._write_sample(p, self.state[p])
+        self._write_samples(work)
         return loss
 
     def _sample_and_score(self, closure):
@@ -240,11 +259,12 @@ class ProxScoreOptimizer(Optimizer):
         try:
             for _ in range(k_samples):
                 for g, p in candidates:
-                    self._write_sample(p, self._state(p, g))
+                    self._state(p, g)
+                self._write_samples(candidates)
                 with torch.enable_grad():
                     losses.append(closure())
                 with_grad = [(g, p) for g, p in candidates if p.grad is not None]
-                check_sparse(with_grad)
+                self._check_work(with_grad)
                 for g, p in with_grad:
                     stats[p] = self._score_stats(g, p, p.grad, self.state[p], stats.get(p),
                                                  1.0 / k_samples)
@@ -269,7 +289,8 @@ class ProxScoreOptimizer(Optimizer):
         overflows, makes ``<u s>`` non-finite (0 * inf is NaN too)."""
         by_device: dict[torch.device, list[Tensor]] = {}
         for st in stats.values():
-            by_device.setdefault(st.u_score_mean.device, []).append(st.u_score_mean.isfinite().all())
+            probe = st.probe
+            by_device.setdefault(probe.device, []).append(probe.isfinite().all())
         return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
     def _skip(self, loss):
@@ -313,7 +334,7 @@ class ProxScoreOptimizer(Optimizer):
         if self._has_posterior(p):
             return self.state[p]
         initial: dict[str, Tensor] = {}
-        gaussian.init_state(initial, p, init_std=group["init_std"])
+        self._init_state(initial, p, group)
         return initial
 
     def posterior_mean(self, p: Tensor) -> Tensor:
@@ -322,12 +343,15 @@ class ProxScoreOptimizer(Optimizer):
 
     def posterior_std(self, p: Tensor) -> Tensor:
         """The marginal posterior standard deviation of parameter ``p`` (shape of ``p``)."""
-        return gaussian.std(self._state_or_initial(p))
+        return self._std(p, self._state_or_initial(p))
+
+    def _std(self, p: Tensor, state: dict) -> Tensor:
+        return gaussian.std(state)
 
     @contextlib.contextmanager
     def mean_params(self) -> Iterator[None]:
         """Within the block the weights hold the posterior mean; restored afterwards."""
-        with self._swapped(lambda p, state: gaussian.mean(state)):
+        with self._swapped(lambda pairs: {p: gaussian.mean(self.state[p]) for _, p in pairs}):
             yield
 
     @contextlib.contextmanager
@@ -339,17 +363,18 @@ class ProxScoreOptimizer(Optimizer):
         Yields a function that redraws the sample. Draws from ``generator`` (default: torch's
         global RNG), never from the training RNG, so evaluation does not change training.
         """
-        with self._swapped(lambda p, state: gaussian.sample(state, generator)) as redraw:
+        with self._swapped(lambda pairs: self._draw(pairs, lambda device: generator)) as redraw:
             yield redraw
 
     @contextlib.contextmanager
-    def _swapped(self, value: Callable[[Tensor, dict], Tensor]) -> Iterator[Callable[[], None]]:
-        saved = [(p, p.detach().clone()) for _, p in self._params(with_state=True)]
+    def _swapped(self, values: Callable[[list], dict[Tensor, Tensor]]) -> Iterator[Callable[[], None]]:
+        pairs = list(self._params(with_state=True))
+        saved = [(p, p.detach().clone()) for _, p in pairs]
 
         @torch.no_grad()
         def write() -> None:
-            for p, _ in saved:
-                p.copy_(value(p, self.state[p]))
+            for p, value in values(pairs).items():
+                p.copy_(value)
 
         try:
             write()
@@ -408,12 +433,16 @@ class ProxScoreOptimizer(Optimizer):
         id_map = dict(zip(saved_ids, params))
         for pid, saved in state_dict["state"].items():
             p = id_map.get(pid)
-            shapes = {tuple(v.shape) for k, v in saved.items() if k != "step" and torch.is_tensor(v)}
-            if p is not None and shapes - {tuple(p.shape)}:
-                raise ValueError(
-                    f"state_dict does not match this model: saved state of shape "
-                    f"{sorted(shapes)} for a parameter of shape {tuple(p.shape)}; "
-                    f"load a checkpoint of the same model and parameter order")
+            for key, v in saved.items():
+                if p is None or key == "step" or not torch.is_tensor(v):
+                    continue
+                expected = self._state_shape(p, key)
+                if tuple(v.shape) != expected:
+                    raise ValueError(
+                        f"state_dict does not match this model: saved {key!r} of shape "
+                        f"{tuple(v.shape)} where this optimizer needs {expected} (parameter of "
+                        f"shape {tuple(p.shape)}); load a checkpoint of the same model and "
+                        f"parameter order")
         super().load_state_dict(state_dict)
         # torch casts state to the parameter dtype; the variational state stays float32/64.
         for pid, saved in state_dict["state"].items():
@@ -426,6 +455,10 @@ class ProxScoreOptimizer(Optimizer):
         self.skipped_steps = int(extra["skipped_steps"])
         for dev, rng_state in extra["rng"].items():
             self._generator(torch.device(dev)).set_state(rng_state.cpu())
+
+    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
+        """The shape of state entry ``key`` of parameter ``p`` (checked when loading)."""
+        return tuple(p.shape)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

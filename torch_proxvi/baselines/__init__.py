@@ -1,5 +1,7 @@
-"""Baselines with the same contract as ProxScoreOptimizer."""
+"""Baselines with the same contract as ProxScoreOptimizer: ADVI, GSM and BaM."""
 
 from .advi import ADVI
+from .bam import BaM
+from .gsm import GSM
 
-__all__ = ["ADVI"]
+__all__ = ["ADVI", "GSM", "BaM"]
