@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _functional as F
-from .._validation import _check
+from .._validation import _REQUIRED, _check
 from ..families import gaussian
 from ..optimizer import ProxScoreOptimizer
 
@@ -53,9 +53,11 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
 class BatchGaussianVI(ProxScoreOptimizer):
     """Base of GSM and BaM: a Gaussian posterior moved by a closed-form batch update."""
 
-    def __init__(self, params, lr: float, *, dataset_size, prior_precision: float,
-                 prior_mean: str, covariance: str, init_std: float, mc_samples: int,
-                 temperature: float, generator: torch.Generator | None, foreach: bool | None):
+    def __init__(self, params, lr: float = 1.0, *, dataset_size: float = _REQUIRED,
+                 prior_precision: float = 1.0, prior_mean: str = "zero",
+                 covariance: str = "diagonal", init_std: float = 1e-3, mc_samples: int = 1,
+                 temperature: float = 1.0, generator: torch.Generator | None = None,
+                 foreach: bool | None = None):
         self._covariance = covariance
         super().__init__(params, lr, dataset_size=dataset_size, prior_precision=prior_precision,
                          prior_mean=prior_mean, init_std=init_std, mc_samples=mc_samples,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import _REQUIRED
 from ._batch_gaussian import BatchGaussianVI, symmetric_sqrt
 
 __all__ = ["BaM", "bam_diagonal_update", "bam_dense_update"]
@@ -74,16 +73,6 @@ class BaM(BatchGaussianVI):
     ``"dense"``, a group key). ``lr`` is BaM's :math:`\\lambda` (>= 0; larger moves further, 0 stands still);
     ``mc_samples`` is its batch size B.
     """
-
-    def __init__(self, params, lr: float = 1.0, *, dataset_size: float = _REQUIRED,
-                 prior_precision: float = 1.0, prior_mean: str = "zero",
-                 covariance: str = "diagonal", init_std: float = 1e-3, mc_samples: int = 1,
-                 temperature: float = 1.0, generator: torch.Generator | None = None,
-                 foreach: bool | None = None):
-        super().__init__(params, lr, dataset_size=dataset_size, prior_precision=prior_precision,
-                         prior_mean=prior_mean, covariance=covariance, init_std=init_std,
-                         mc_samples=mc_samples, temperature=temperature, generator=generator,
-                         foreach=foreach)
 
     def _diagonal_update(self, mean, var, theta, score, lr):
         return bam_diagonal_update(mean, var, theta, score, lr)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._validation import _REQUIRED, _check
+from .._validation import _check
 from ._batch_gaussian import BatchGaussianVI
 
 __all__ = ["GSM", "gsm_diagonal_update", "gsm_dense_update"]
@@ -79,16 +79,6 @@ class GSM(BatchGaussianVI):
     ``"dense"``, a group key). ``lr`` in [0, 1] damps the closed-form update (1: as published).
     ``init_std`` sets the initial (isotropic) standard deviation.
     """
-
-    def __init__(self, params, lr: float = 1.0, *, dataset_size: float = _REQUIRED,
-                 prior_precision: float = 1.0, prior_mean: str = "zero",
-                 covariance: str = "diagonal", init_std: float = 1e-3, mc_samples: int = 1,
-                 temperature: float = 1.0, generator: torch.Generator | None = None,
-                 foreach: bool | None = None):
-        super().__init__(params, lr, dataset_size=dataset_size, prior_precision=prior_precision,
-                         prior_mean=prior_mean, covariance=covariance, init_std=init_std,
-                         mc_samples=mc_samples, temperature=temperature, generator=generator,
-                         foreach=foreach)
 
     def _validate_lr(self, lr) -> None:
         _check(lr <= 1, "learning rate", lr, "GSM's lr damps its closed-form step: in [0, 1]")
