@@ -35,6 +35,7 @@ VARIANTS = {
     "scale_lr_ratio=0.1": {"scale_lr_ratio": 0.1},
     "scale_lr_ratio=10": {"scale_lr_ratio": 10.0},
     "warmup_steps=1 epoch": {"warmup_steps": "epoch"},
+    "betas=(0, 0.999)": {"betas": (0.0, 0.999)},   # 4 state tensors per weight instead of 6
 }
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ScoreStats", "score", "accumulate_stats", "adam_step", "proximal_gradients",
-           "gaussian_update", "elbo_gradients"]
+           "gaussian_update", "elbo_gradients", "foreach_adam"]
 
 # exp(2 * log_scale) must stay a normal float32 number: std in [exp(-30), exp(20)].
 LOG_SCALE_MIN = -30.0
@@ -86,7 +86,11 @@ def accumulate_stats(stats: ScoreStats, u: Tensor, s: Tensor, weight: float) -> 
 
 
 def _adam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
-    exp_avg.lerp_(grad, 1 - beta1)
+    """Adam in place; ``exp_avg`` None means no first moment (beta1 = 0: the gradient itself)."""
+    if exp_avg is None:
+        exp_avg = grad
+    else:
+        exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias1 = 1 - beta1**step
     bias2_sqrt = (1 - beta2**step) ** 0.5
@@ -137,13 +141,18 @@ def _gaussian_update_single(
             grad_mean, grad_log_scale = proximal_gradients(
                 mean, log_scale, mean_t, var_t, st, prox_weight=prox_weight,
                 mean_update=mean_update)
-            adam_step(mean, log_scale, grad_mean, grad_log_scale, mean_avgs[i], mean_avg_sqs[i],
-                      scale_avgs[i], scale_avg_sqs[i], step, lr=lr, scale_lr=scale_lr,
+            adam_step(mean, log_scale, grad_mean, grad_log_scale,
+                      None if mean_avgs is None else mean_avgs[i], mean_avg_sqs[i],
+                      None if scale_avgs is None else scale_avgs[i], scale_avg_sqs[i], step, lr=lr, scale_lr=scale_lr,
                       betas=betas, eps=eps, update_scale=update_scale)
 
 
-def _foreach_adam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps):
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+def foreach_adam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps):
+    """Multi-tensor Adam in place; ``exp_avgs`` None means no first moment (beta1 = 0)."""
+    if exp_avgs is None:
+        exp_avgs = grads
+    else:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     bias1 = 1 - beta1**step
@@ -202,9 +211,9 @@ def _gaussian_update_foreach(
             ratio = torch._foreach_div(var, var_t)
             torch._foreach_add_(ratio, -1.0)
             torch._foreach_add_(grad_log_scale, ratio, alpha=prox_weight)
-        _foreach_adam(means, grad_mean, mean_avgs, mean_avg_sqs, step, lr, beta1, beta2, eps)
+        foreach_adam(means, grad_mean, mean_avgs, mean_avg_sqs, step, lr, beta1, beta2, eps)
         if update_scale:
-            _foreach_adam(log_scales, grad_log_scale, scale_avgs, scale_avg_sqs, step,
+            foreach_adam(log_scales, grad_log_scale, scale_avgs, scale_avg_sqs, step,
                           scale_lr, beta1, beta2, eps)
             torch._foreach_clamp_min_(log_scales, LOG_SCALE_MIN)
             torch._foreach_clamp_max_(log_scales, LOG_SCALE_MAX)
@@ -233,8 +242,9 @@ def gaussian_update(
     """Proximal score-matching step of ``(means, log_scales)`` in place (see module docstring).
 
     ``steps`` are the per-parameter Adam step counts (0-dim tensors), advanced by
-    ``inner_steps``. With ``foreach=True`` all steps must be equal. ``update_scale=False``
-    freezes the log-scales (warm-up).
+    ``inner_steps``; with ``foreach=True`` all steps must be equal. ``mean_avgs`` and
+    ``scale_avgs`` are None without first moments (beta1 = 0). ``update_scale=False`` freezes
+    the log-scales (warm-up).
     """
     fn = _gaussian_update_foreach if foreach else _gaussian_update_single
     fn(

@@ -7,10 +7,8 @@ The update math is in :mod:`torch_proxvi._functional`, the family's storage in
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from itertools import chain
 from typing import Any
 
 import torch
@@ -18,13 +16,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _functional as F
-from . import predictive as _predictive
+from . import _fused
+from ._checkpoint import Checkpointing
+from ._posterior_access import PosteriorAccess
 from ._validation import _REQUIRED, check_sparse, validate_group
 from .families import gaussian
 
 __all__ = ["ProxScoreOptimizer"]
 
-class ProxScoreOptimizer(Optimizer):
+class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
     r"""Variational inference over a model's weights by proximal score matching.
 
     Keeps a mean-field Gaussian :math:`q = N(m, \mathrm{diag}\,\sigma^2)` per parameter. The weights
@@ -158,7 +158,7 @@ class ProxScoreOptimizer(Optimizer):
 
     def _init_state(self, state: dict, p: Tensor, group: dict) -> None:
         """Fill the state of ``p`` at its first step (the family's storage)."""
-        gaussian.init_state(state, p, init_std=group["init_std"])
+        gaussian.init_state(state, p, init_std=group["init_std"], first_moments=group["betas"][0] > 0)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -221,6 +221,11 @@ class ProxScoreOptimizer(Optimizer):
             loss = None
             work = [(g, p) for g, p in self._params() if p.grad is not None]
             self._check_work(work)
+            if self._fusable(work):
+                if not self._grads_finite(work):
+                    return self._skip(loss)
+                self._fused_step(work)
+                return loss
             created = [p for _, p in work if not self._has_posterior(p)]
             stats = {p: self._score_stats(g, p, p.grad, self._state(p, g), None, 1.0)
                      for g, p in work}
@@ -283,6 +288,42 @@ class ProxScoreOptimizer(Optimizer):
                     self._forget(p)
         return loss, [(g, p) for g, p in candidates if p in stats], stats
 
+    def _fusable(self, work) -> bool:
+        """The common step (K=1, one inner step, this class's update) has a fused path."""
+        return (self.foreach and type(self)._update_batch is ProxScoreOptimizer._update_batch
+                and all(g["inner_steps"] == 1 for g, _ in work))
+
+    @staticmethod
+    def _grads_finite(work) -> bool:
+        """One sync per device: is every N * grad / T finite in the state dtype?"""
+        by_device: dict[torch.device, list[Tensor]] = {}
+        batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
+        for group, p in work:
+            batches.setdefault((id(group), p.device), (group, []))[1].append(p.grad)
+        for (_, device), (group, grads) in batches.items():
+            norms = torch._foreach_norm(grads, float("inf"))
+            worst = torch.stack([n.to(gaussian.state_dtype(n)) for n in norms]).max()
+            scaled = worst * (group["dataset_size"] / group["temperature"])
+            by_device.setdefault(device, []).append(scaled.isfinite())
+        return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+    def _fused_step(self, work) -> None:
+        batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
+        for group, p in work:
+            state = self._state(p, group)
+            key = (id(group), p.device, state["mean"].dtype, float(state["step"]))
+            batches.setdefault(key, (group, []))[1].append(p)
+        for group, ps in batches.values():
+            states = [self.state[p] for p in ps]
+            _fused.fused_update(
+                ps, [p.grad for p in ps], states, dataset_size=group["dataset_size"],
+                prior_precision=group["prior_precision"],
+                temperature=group["temperature"], lr=group["lr"],
+                scale_lr=group["lr"] * group["scale_lr_ratio"], betas=group["betas"], eps=group["eps"],
+                mean_update=group["mean_update"],
+                update_scale=float(states[0]["step"]) >= group["warmup_steps"])
+        _fused.sample_([p for _, p in work], [self.state[p] for _, p in work], self._generator)
+
     @staticmethod
     def _finite(stats: dict[Tensor, F.ScoreStats]) -> bool:
         """One sync: are all scores finite? NaN or inf anywhere in a gradient, or a score that
@@ -318,150 +359,13 @@ class ProxScoreOptimizer(Optimizer):
         outer_steps = float(states[0]["step"]) // group["inner_steps"]
         F.gaussian_update(
             [s["mean"] for s in states], [s["log_scale"] for s in states], stats,
-            [s["mean_exp_avg"] for s in states], [s["mean_exp_avg_sq"] for s in states],
-            [s["log_scale_exp_avg"] for s in states], [s["log_scale_exp_avg_sq"] for s in states],
+            gaussian.first_moments(states, "mean_exp_avg", group["betas"][0]),
+            [s["mean_exp_avg_sq"] for s in states],
+            gaussian.first_moments(states, "log_scale_exp_avg", group["betas"][0]),
+            [s["log_scale_exp_avg_sq"] for s in states],
             [s["step"] for s in states],
             lr=group["lr"], scale_lr=group["lr"] * group["scale_lr_ratio"],
             betas=group["betas"], eps=group["eps"], inner_steps=group["inner_steps"],
             prox_weight=group["prox_weight"], mean_update=group["mean_update"],
             update_scale=outer_steps >= group["warmup_steps"], foreach=self.foreach,
         )
-
-    # ------------------------------------------------------------------ posterior access
-    def _state_or_initial(self, p: Tensor) -> dict[str, Tensor]:
-        """The state of ``p``, or what it will be at its first step (without storing it)."""
-        group = self._group_of(p)
-        if self._has_posterior(p):
-            return self.state[p]
-        initial: dict[str, Tensor] = {}
-        self._init_state(initial, p, group)
-        return initial
-
-    def posterior_mean(self, p: Tensor) -> Tensor:
-        """The variational mean of parameter ``p`` (float32 or float64, shape of ``p``)."""
-        return gaussian.mean(self._state_or_initial(p)).clone()
-
-    def posterior_std(self, p: Tensor) -> Tensor:
-        """The marginal posterior standard deviation of parameter ``p`` (shape of ``p``)."""
-        return self._std(p, self._state_or_initial(p))
-
-    def _std(self, p: Tensor, state: dict) -> Tensor:
-        return gaussian.std(state)
-
-    @contextlib.contextmanager
-    def mean_params(self) -> Iterator[None]:
-        """Within the block the weights hold the posterior mean; restored afterwards."""
-        with self._swapped(lambda pairs: {p: gaussian.mean(self.state[p]) for _, p in pairs}):
-            yield
-
-    @contextlib.contextmanager
-    def sampled_params(
-        self, generator: torch.Generator | None = None
-    ) -> Iterator[Callable[[], None]]:
-        """Within the block the weights hold a fresh posterior sample; restored afterwards.
-
-        Yields a function that redraws the sample. Draws from ``generator`` (default: torch's
-        global RNG), never from the training RNG, so evaluation does not change training.
-        """
-        with self._swapped(lambda pairs: self._draw(pairs, lambda device: generator)) as redraw:
-            yield redraw
-
-    @contextlib.contextmanager
-    def _swapped(self, values: Callable[[list], dict[Tensor, Tensor]]) -> Iterator[Callable[[], None]]:
-        pairs = list(self._params(with_state=True))
-        saved = [(p, p.detach().clone()) for _, p in pairs]
-
-        @torch.no_grad()
-        def write() -> None:
-            for p, value in values(pairs).items():
-                p.copy_(value)
-
-        try:
-            write()
-            yield write
-        finally:
-            with torch.no_grad():
-                for p, old in saved:
-                    p.copy_(old)
-
-    def eval(self) -> None:
-        """Put the posterior mean into the weights (keeps the training sample for ``train()``)."""
-        if self._mode == "eval":
-            return
-        with torch.no_grad():
-            for _, p in self._params(with_state=True):
-                self._held[p] = p.detach().clone()
-                p.copy_(gaussian.mean(self.state[p]))
-        self._mode = "eval"
-
-    def train(self) -> None:
-        """Put back the training sample that ``eval()`` set aside."""
-        if self._mode == "train":
-            return
-        with torch.no_grad():
-            for p, sample in self._held.items():
-                p.copy_(sample)
-        self._held.clear()
-        self._mode = "train"
-
-    def predictive(self, model: torch.nn.Module, inputs, n_samples: int = 32,
-                   likelihood: str = "classification",
-                   generator: torch.Generator | None = None):
-        """Bayesian model average over ``n_samples`` posterior samples; see
-        :func:`torch_proxvi.predictive.predictive`."""
-        return _predictive.predictive(self, model, inputs, n_samples=n_samples,
-                                      likelihood=likelihood, generator=generator)
-
-    # ------------------------------------------------------------------ (de)serialisation
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["proxvi"] = {
-            "seed": self._seed,
-            "skipped_steps": self.skipped_steps,
-            "rng": {dev: g.get_state() for dev, g in self._generators.items()},
-        }
-        return sd
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("proxvi", None)
-        if extra is None:
-            raise ValueError("this state_dict was not saved by ProxScoreOptimizer (no 'proxvi' "
-                             "entry): load a state_dict from ProxScoreOptimizer.state_dict()")
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        id_map = dict(zip(saved_ids, params))
-        for pid, saved in state_dict["state"].items():
-            p = id_map.get(pid)
-            for key, v in saved.items():
-                if p is None or key == "step" or not torch.is_tensor(v):
-                    continue
-                expected = self._state_shape(p, key)
-                if tuple(v.shape) != expected:
-                    raise ValueError(
-                        f"state_dict does not match this model: saved {key!r} of shape "
-                        f"{tuple(v.shape)} where this optimizer needs {expected} (parameter of "
-                        f"shape {tuple(p.shape)}); load a checkpoint of the same model and "
-                        f"parameter order")
-        super().load_state_dict(state_dict)
-        # torch casts state to the parameter dtype; the variational state stays float32/64.
-        for pid, saved in state_dict["state"].items():
-            p = id_map.get(pid)
-            if p is not None:
-                for k, v in saved.items():
-                    if k != "step":
-                        self.state[p][k] = v.to(device=p.device, copy=True)
-        self._seed = int(extra["seed"])
-        self.skipped_steps = int(extra["skipped_steps"])
-        for dev, rng_state in extra["rng"].items():
-            self._generator(torch.device(dev)).set_state(rng_state.cpu())
-
-    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
-        """The shape of state entry ``key`` of parameter ``p`` (checked when loading)."""
-        return tuple(p.shape)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.update(foreach=self.foreach, skipped_steps=self.skipped_steps, _mode=self._mode,
-                     _held=self._held, _seed=self._seed, _generators=self._generators)
-        return state

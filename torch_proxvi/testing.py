@@ -1,5 +1,7 @@
 """Reference posteriors with closed-form answers, for checking inference (tests, benchmarks).
 
+``PeakTemporaries`` measures the peak bytes of tensors allocated inside a block (CPU too).
+
 ``linear_regression`` builds a Bayesian linear regression whose exact posterior is Gaussian;
 its optimal mean-field approximation has the exact posterior mean and, as precisions, the
 diagonal of the exact precision matrix. ``mean_field_kl`` measures how far a fitted
@@ -8,12 +10,15 @@ mean-field Gaussian is from it.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["LinearRegression", "linear_regression", "mean_field_kl", "fit_linear_regression"]
+__all__ = ["LinearRegression", "linear_regression", "mean_field_kl", "fit_linear_regression",
+           "PeakTemporaries", "tensors_in"]
 
 
 class LinearRegression(NamedTuple):
@@ -81,3 +86,42 @@ def fit_linear_regression(make_optimizer, problem: LinearRegression, *, batch_si
     mean = torch.cat([opt.posterior_mean(p).flatten() for p in params])
     std = torch.cat([opt.posterior_std(p).flatten() for p in params])
     return model, opt, mean_field_kl(mean, std, problem.mean, problem.precision_diag)
+
+
+class PeakTemporaries(TorchDispatchMode):
+    """Track the bytes of tensors that ops allocate, and their peak while alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, nbytes: int, ptr: int) -> None:
+        self.live -= nbytes
+        self.seen.discard(ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {a.untyped_storage().data_ptr() for a in tensors_in(args) + tensors_in(kwargs or {})}
+        out = func(*args, **(kwargs or {}))
+        for t in tensors_in(out):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr in inputs or ptr in self.seen or storage.nbytes() == 0:
+                continue
+            self.seen.add(ptr)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, storage.nbytes(), ptr)
+        return out
+
+
+def tensors_in(obj) -> list[torch.Tensor]:
+    """Every tensor in a nest of lists, tuples and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in tensors_in(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in tensors_in(o)]
+    return []

@@ -21,6 +21,7 @@ import torch
 
 from .. import _functional as F
 from .._validation import _REQUIRED
+from ..families import gaussian
 from ..optimizer import ProxScoreOptimizer
 
 __all__ = ["ADVI"]
@@ -43,13 +44,16 @@ class ADVI(ProxScoreOptimizer):
 
     def _update_batch(self, group: dict, states: list[dict], stats: list[F.ScoreStats]) -> None:
         update_scale = float(states[0]["step"]) >= group["warmup_steps"]
+        beta1 = group["betas"][0]
         for state, st in zip(states, stats):
+            mean_avg = gaussian.first_moments([state], "mean_exp_avg", beta1)
+            scale_avg = gaussian.first_moments([state], "log_scale_exp_avg", beta1)
             state["step"] += 1
             grad_mean, grad_log_scale = F.elbo_gradients(
                 state["mean"], state["log_scale"], st, state.get("prior_mean"),
                 prior_precision=group["prior_precision"])
             F.adam_step(state["mean"], state["log_scale"], grad_mean, grad_log_scale,
-                        state["mean_exp_avg"], state["mean_exp_avg_sq"], state["log_scale_exp_avg"],
+                        mean_avg and mean_avg[0], state["mean_exp_avg_sq"], scale_avg and scale_avg[0],
                         state["log_scale_exp_avg_sq"], float(state["step"]), lr=group["lr"],
                         scale_lr=group["lr"] * group["scale_lr_ratio"], betas=group["betas"],
                         eps=group["eps"], update_scale=update_scale)

@@ -6,7 +6,8 @@ parameters) whatever the weights' dtype:
 ``mean``, ``log_scale``
     the variational parameters :math:`m` and :math:`\rho`;
 ``mean_exp_avg``, ``mean_exp_avg_sq``, ``log_scale_exp_avg``, ``log_scale_exp_avg_sq``
-    Adam's moments for the proximal inner problem;
+    Adam's moments for the proximal inner problem (the two ``*_exp_avg`` only when
+    ``betas[0] > 0``);
 ``step``
     Adam's step count (a CPU scalar tensor, as in ``torch.optim.Adam``);
 ``prior_mean``
@@ -21,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["init_state", "sample", "mean", "std", "state_dtype"]
+__all__ = ["init_state", "first_moments", "sample", "mean", "std", "state_dtype"]
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
@@ -29,14 +30,31 @@ def state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def init_state(state: dict, p: Tensor, *, init_std: float) -> None:
-    """Fill ``state`` for parameter ``p``: mean at the current weights, std ``init_std``."""
+def init_state(state: dict, p: Tensor, *, init_std: float, first_moments: bool = True) -> None:
+    """Fill ``state`` for parameter ``p``: mean at the current weights, std ``init_std``.
+
+    Without ``first_moments`` (Adam's beta1 = 0) the two ``*_exp_avg`` tensors are not stored:
+    four state tensors per weight instead of six.
+    """
     m = p.detach().to(state_dtype(p), copy=True)
     state["step"] = torch.tensor(0.0, dtype=torch.float32)
     state["mean"] = m
     state["log_scale"] = torch.full_like(m, math.log(init_std))
-    for name in ("mean_exp_avg", "mean_exp_avg_sq", "log_scale_exp_avg", "log_scale_exp_avg_sq"):
+    names = ("mean_exp_avg_sq", "log_scale_exp_avg_sq")
+    if first_moments:
+        names += ("mean_exp_avg", "log_scale_exp_avg")
+    for name in names:
         state[name] = torch.zeros_like(m)
+
+
+def first_moments(states: list[dict], name: str, beta1: float) -> list[Tensor] | None:
+    """Adam's first moments ``name`` of ``states`` (created if beta1 was 0 before), or None."""
+    if beta1 == 0:
+        return None
+    for st in states:
+        if name not in st:
+            st[name] = torch.zeros_like(st["mean"])
+    return [st[name] for st in states]
 
 
 def sample(state: dict, generator: torch.Generator | None) -> Tensor:

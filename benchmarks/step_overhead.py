@@ -1,0 +1,181 @@
+"""The optimizer step's cost against Adam: time, persistent state and peak temporaries.
+
+    python benchmarks/step_overhead.py                      # 1M, 10M, 50M parameters on CPU
+    python benchmarks/step_overhead.py --sizes 10 --steps 30
+    python benchmarks/step_overhead.py --device cuda --sizes 86 304   # ViT-B / ViT-L sizes
+
+Parameter sets are shaped like a ViT (per block: qkv, proj, fc1, fc2 matrices with biases and two
+LayerNorms; width and depth chosen for the size). Every optimizer gets its own copy of the
+parameters, all sharing one fixed random gradient, and ``step()`` is timed interleaved (one step
+of each optimizer in turn, the median of ``--steps`` after 3 warm-up steps), so the machine's
+load affects all alike. IVON's step is timed with its ``sampled_params`` context (where it draws
+its sample and collects the gradient), because that is where its per-step work happens.
+
+Columns: the median step time as a ratio to Adam(foreach=True); persistent optimizer state in
+bytes per parameter (Adam: 8); and the peak of the temporaries allocated during the step, in
+bytes per parameter (CPU: tracked by a dispatch mode; CUDA: the allocator's peak). The last
+table times a whole training step (forward, backward, step) of a small ViT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from torch_proxvi import ADVI, ProxScoreOptimizer  # noqa: E402
+from torch_proxvi.testing import PeakTemporaries, tensors_in  # noqa: E402
+
+SHAPES = {1: (128, 5), 10: (256, 13), 50: (512, 16), 86: (768, 12), 304: (1024, 24)}  # width, depth
+
+
+def vit_shaped(millions: int, device, dtype=torch.float32) -> list[torch.Tensor]:
+    """Tensors shaped like a ViT's parameters (about ``millions`` x 1e6 numbers)."""
+    d, depth = SHAPES[millions]
+    shapes = []
+    for _ in range(depth):
+        shapes += [(3 * d, d), (3 * d,), (d, d), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,),
+                   (d,), (d,), (d,), (d,)]
+    return [torch.zeros(s, device=device, dtype=dtype) for s in shapes]
+
+
+def optimizers(device) -> dict:
+    out = {
+        "Adam (foreach)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+        "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "ADVI": lambda ps: ADVI(ps, lr=1e-3, dataset_size=50_000),
+        "ProxScore": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000),
+        "ProxScore inner_steps=2": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
+                                                                 inner_steps=2),
+    }
+    try:
+        import ivon
+
+        out["IVON"] = lambda ps: ivon.IVON(ps, lr=0.1, ess=50_000)
+    except ImportError:
+        print("(ivon-opt not installed: pip install ivon-opt)")
+    return out
+
+
+def make_step(name, opt, params):
+    if name == "IVON":
+        def step():
+            with opt.sampled_params(train=True):
+                pass
+            opt.step()
+        return step
+    return opt.step
+
+
+def state_bytes(opt) -> int:
+    """Bytes of every non-scalar tensor the optimizer saves (IVON keeps its state in the groups)."""
+    seen, total = set(), 0
+    for t in tensors_in(opt.state_dict()):
+        if t.dim() > 0 and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_size(millions: int, steps: int, device) -> list[tuple]:
+    grads = [torch.randn(p.shape, device=device) * 1e-3 for p in vit_shaped(millions, device)]
+    n = sum(g.numel() for g in grads)
+    runs = {}
+    for name, factory in optimizers(device).items():
+        params = [torch.nn.Parameter(torch.randn(g.shape, device=device) * 0.02) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        try:
+            opt = factory(params)
+        except (RuntimeError, ValueError) as err:   # e.g. fused AdamW unsupported here
+            print(f"  {name}: skipped ({err})")
+            continue
+        runs[name] = (opt, make_step(name, opt, params), [])
+    for i in range(steps + 3):
+        for _, step, times in runs.values():
+            sync(device)
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    base = statistics.median(runs["Adam (foreach)"][2])
+    rows = []
+    for name, (opt, step, times) in runs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            sync(device)
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            with PeakTemporaries() as tracker:
+                step()
+            peak = tracker.peak
+        med = statistics.median(times)
+        rows.append((millions, n, name, med * 1e3, med / base, state_bytes(opt) / n, peak / n))
+    return rows
+
+
+def training_step_ratio(device, steps: int) -> list[tuple]:
+    """Forward + backward + step of a small ViT (torchvision), ProxScore/ADVI against Adam."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (32,), device=device)
+    runs = {}
+    for name, factory in (("Adam (foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
+                          ("ProxScore", lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000)),
+                          ("ADVI", lambda ps: ADVI(ps, lr=1e-3, dataset_size=50_000))):
+        torch.manual_seed(0)
+        model = VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=4, hidden_dim=192,
+                                  mlp_dim=768, num_classes=10).to(device)
+        runs[name] = (model, factory(model.parameters()), [])
+    for i in range(steps + 3):
+        for model, opt, times in runs.values():
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    n = sum(p.numel() for p in runs["Adam (foreach)"][0].parameters())
+    base = statistics.median(runs["Adam (foreach)"][2])
+    return [(n, name, statistics.median(t) * 1e3, statistics.median(t) / base) for name, (_, _, t) in runs.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1, 10, 50], choices=sorted(SHAPES))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-training-step", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
+    print("| size | optimizer | step ms | ratio to Adam | state bytes/param | peak temporaries bytes/param |")
+    print("|---|---|---|---|---|---|")
+    for millions in args.sizes:
+        for _, n, name, ms, ratio, state, peak in run_size(millions, args.steps, device):
+            print(f"| {n / 1e6:.1f}M | {name} | {ms:.1f} | {ratio:.2f} | {state:.1f} | {peak:.1f} |", flush=True)
+    if not args.no_training_step:
+        print("\n| ViT params | optimizer | train step ms | ratio to Adam |\n|---|---|---|---|")
+        for n, name, ms, ratio in training_step_ratio(device, args.steps):
+            print(f"| {n / 1e6:.2f}M | {name} | {ms:.1f} | {ratio:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

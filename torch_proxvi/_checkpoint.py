@@ -1,0 +1,70 @@
+"""Exact checkpoints: ``state_dict`` with the sampling RNG, a ``load_state_dict`` that refuses
+another model's state before loading anything, and pickling. A mixin of
+:class:`~torch_proxvi.ProxScoreOptimizer`."""
+
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Checkpointing"]
+
+
+class Checkpointing:
+    """Adds the optimizer's own entries (seed, RNG states, skip count) to torch's state_dict."""
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["proxvi"] = {
+            "seed": self._seed,
+            "skipped_steps": self.skipped_steps,
+            "rng": {dev: g.get_state() for dev, g in self._generators.items()},
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("proxvi", None)
+        if extra is None:
+            raise ValueError("this state_dict was not saved by ProxScoreOptimizer (no 'proxvi' "
+                             "entry): load a state_dict from ProxScoreOptimizer.state_dict()")
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        id_map = dict(zip(saved_ids, params))
+        for pid, saved in state_dict["state"].items():
+            p = id_map.get(pid)
+            for key, v in saved.items():
+                if p is None or key == "step" or not torch.is_tensor(v):
+                    continue
+                expected = self._state_shape(p, key)
+                if tuple(v.shape) != expected:
+                    raise ValueError(
+                        f"state_dict does not match this model: saved {key!r} of shape "
+                        f"{tuple(v.shape)} where this optimizer needs {expected} (parameter of "
+                        f"shape {tuple(p.shape)}); load a checkpoint of the same model and "
+                        f"parameter order")
+        super().load_state_dict(state_dict)
+        # torch casts state to the parameter dtype; the variational state stays float32/64.
+        for pid, saved in state_dict["state"].items():
+            p = id_map.get(pid)
+            if p is not None:
+                for k, v in saved.items():
+                    if k != "step":
+                        self.state[p][k] = v.to(device=p.device, copy=True)
+        self._seed = int(extra["seed"])
+        self.skipped_steps = int(extra["skipped_steps"])
+        for dev, rng_state in extra["rng"].items():
+            self._generator(torch.device(dev)).set_state(rng_state.cpu())
+
+    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
+        """The shape of state entry ``key`` of parameter ``p`` (checked when loading)."""
+        return tuple(p.shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(foreach=self.foreach, skipped_steps=self.skipped_steps, _mode=self._mode,
+                     _held=self._held, _seed=self._seed, _generators=self._generators)
+        return state
