@@ -52,6 +52,11 @@ def optimizers(device) -> dict:
         "ProxScore": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000),
         "ProxScore inner_steps=2": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
                                                                  inner_steps=2),
+        "ProxScore betas=(0, 0.999)": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
+                                                                    betas=(0.0, 0.999)),
+        "ProxScore compiled": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000, compiled=True),
+        "ProxScore compiled, betas=(0, 0.999)": lambda ps: ProxScoreOptimizer(
+            ps, lr=1e-3, dataset_size=50_000, compiled=True, betas=(0.0, 0.999)),
     }
     try:
         import ivon
@@ -137,6 +142,8 @@ def training_step_ratio(device, steps: int) -> list[tuple]:
     runs = {}
     for name, factory in (("Adam (foreach)", lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)),
                           ("ProxScore", lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000)),
+                          ("ProxScore compiled", lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
+                                                                               compiled=True)),
                           ("ADVI", lambda ps: ADVI(ps, lr=1e-3, dataset_size=50_000))):
         torch.manual_seed(0)
         model = VisionTransformer(image_size=32, patch_size=4, num_layers=6, num_heads=4, hidden_dim=192,

@@ -65,6 +65,6 @@ class Checkpointing:
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(foreach=self.foreach, skipped_steps=self.skipped_steps, _mode=self._mode,
-                     _held=self._held, _seed=self._seed, _generators=self._generators)
+        state.update(foreach=self.foreach, compiled=self.compiled, skipped_steps=self.skipped_steps,
+                     _mode=self._mode, _held=self._held, _seed=self._seed, _generators=self._generators)
         return state

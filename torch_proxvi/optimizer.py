@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import _compiled, _fused
 from . import _functional as F
-from . import _fused
 from ._checkpoint import Checkpointing
 from ._posterior_access import PosteriorAccess
 from ._validation import _REQUIRED, check_sparse, validate_group
@@ -41,7 +41,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
 
     Args:
         params: parameters or parameter groups; every keyword below is also a group key
-            (except ``generator`` and ``foreach``).
+            (except ``generator``, ``foreach`` and ``compiled``).
         lr: Adam learning rate of the variational mean.
         dataset_size: number of training examples N (required).
         prior_precision: :math:`\lambda_0` of the Gaussian prior :math:`N(\mu_0, 1/\lambda_0)`.
@@ -60,6 +60,11 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         generator: ``torch.Generator`` for the weight samples (default: seeded from torch's
             global RNG at construction, so ``torch.manual_seed`` makes runs repeatable).
         foreach: use the multi-tensor update (default True).
+        compiled: run the common step (no closure, ``inner_steps=1``) as one kernel per
+            parameter compiled by ``torch.compile`` (Inductor; needs a C++ compiler on CPU,
+            Triton on CUDA). Several times faster on CPU; the first steps compile (seconds), and
+            the sample noise comes from an in-kernel counter-based hash instead of torch's
+            generator (still repeatable and saved in ``state_dict``).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -95,6 +100,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         warmup_steps: int = 0,
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
+        compiled: bool = False,
     ):
         defaults = dict(
             lr=lr, dataset_size=dataset_size, prior_precision=prior_precision,
@@ -105,6 +111,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         )
         defaults.update(self._extra_defaults())
         self.foreach = True if foreach is None else bool(foreach)
+        self.compiled = bool(compiled)
         self.skipped_steps = 0
         self._mode = "train"
         self._held: dict[Tensor, Tensor] = {}
@@ -313,6 +320,10 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             state = self._state(p, group)
             key = (id(group), p.device, state["mean"].dtype, float(state["step"]))
             batches.setdefault(key, (group, []))[1].append(p)
+        if self.compiled:
+            for group, ps in batches.values():
+                _compiled.compiled_step(ps, [self.state[p] for p in ps], group, self._generator(ps[0].device))
+            return
         for group, ps in batches.values():
             states = [self.state[p] for p in ps]
             _fused.fused_update(
