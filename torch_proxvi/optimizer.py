@@ -24,6 +24,17 @@ from .families import gaussian
 
 __all__ = ["ProxScoreOptimizer"]
 
+def _shared_seed(seed: int) -> int:
+    """Under torch.distributed, rank 0's seed on every rank: all ranks draw the same samples."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return seed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([seed], dtype=torch.int64, device=device)
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
 class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
     r"""Variational inference over a model's weights by proximal score matching.
 
@@ -58,7 +69,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``.
         warmup_steps: optimizer steps during which only the mean moves.
         generator: ``torch.Generator`` for the weight samples (default: seeded from torch's
-            global RNG at construction, so ``torch.manual_seed`` makes runs repeatable).
+            global RNG at construction, so ``torch.manual_seed`` makes runs repeatable; under
+            ``torch.distributed`` rank 0's seed is broadcast, so every rank draws the same
+            sample and, with DDP's averaged gradients, keeps the same state).
         foreach: use the multi-tensor update (default True).
         compiled: run the common step (no closure, ``inner_steps=1``) as one kernel per
             parameter compiled by ``torch.compile`` (Inductor; needs a C++ compiler on CPU,
@@ -119,7 +132,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             self._seed = int(generator.initial_seed())
             self._generators = {str(generator.device): generator}
         else:
-            self._seed = int(torch.randint(0, 2**62, (1,)).item())
+            self._seed = _shared_seed(int(torch.randint(0, 2**62, (1,)).item()))
             self._generators = {}
         super().__init__(params, defaults)
 

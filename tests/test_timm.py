@@ -1,0 +1,54 @@
+"""timm: ``create_optimizer_v2(model, "proxvi", ...)`` builds a working ProxScoreOptimizer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+import torch_proxvi.integrations.timm  # noqa: E402,F401  (registers "proxvi")
+from torch_proxvi import ProxScoreOptimizer  # noqa: E402
+
+
+def small_model():
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", num_classes=3, pretrained=False)
+
+
+def test_create_optimizer_v2_builds_proxscore_with_its_options():
+    model = small_model()
+    opt = timm.optim.create_optimizer_v2(model, "proxvi", lr=3e-3, dataset_size=123, prior_mean="init",
+                                         betas=(0.8, 0.99))
+    assert isinstance(opt, ProxScoreOptimizer)
+    assert all(g["lr"] == 3e-3 and g["dataset_size"] == 123 and g["betas"] == (0.8, 0.99)
+               for g in opt.param_groups)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(
+        p.numel() for p in model.parameters())
+    # prior_mean="init" snapshots the pretrained weights at construction
+    first = next(model.parameters())
+    assert torch.equal(opt.state[first]["prior_mean"], first.detach())
+
+
+def test_timm_optimizer_trains_and_weight_decay_warns_without_effect():
+    model = small_model()
+    with pytest.warns(UserWarning, match="prior_precision"):
+        opt = timm.optim.create_optimizer_v2(model, "proxvi", lr=1e-3, weight_decay=0.05, dataset_size=64)
+    # timm split the parameters into decay / no-decay groups; both train
+    assert len(opt.param_groups) == 2
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        timm.optim.create_optimizer_v2(model, "proxvi", lr=1e-3, dataset_size=64)   # wd 0: silent
+
+
+def test_missing_dataset_size_still_names_it():
+    with pytest.raises(TypeError, match="dataset_size"):
+        timm.optim.create_optimizer_v2(small_model(), "proxvi", lr=1e-3)

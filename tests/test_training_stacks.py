@@ -1,0 +1,199 @@
+"""The optimizer inside real training stacks: AMP with GradScaler, DDP on gloo, a compiled model,
+and kill-and-resume of model + optimizer + scheduler."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from torch_proxvi import ProxScoreOptimizer
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def data(n=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+# ---------------------------------------------------------------------------- AMP
+def test_grad_scaler_gives_the_unscaled_scores_exactly():
+    # The scaler multiplies the loss by a power of two and unscales the gradients before
+    # step(): the optimizer must end bit-identical to a run without it.
+    x, y = data()
+    runs = []
+    for use_scaler in (False, True):
+        model = mlp()
+        opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64,
+                                 generator=torch.Generator().manual_seed(0))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=use_scaler)
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+        runs.append((model, opt))
+    (ma, oa), (mb, ob) = runs
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(oa.state[p]["mean"], ob.state[q]["mean"])
+
+
+def test_grad_scaler_skips_an_overflowing_step_and_the_posterior_is_untouched():
+    x, y = data()
+    model = mlp()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    means = {p: opt.state[p]["mean"].clone() for p in model.parameters()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.step(opt)                      # the scaler finds inf and does not call step()
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10   # it backed off
+    assert all(torch.equal(means[p], opt.state[p]["mean"]) for p in model.parameters())
+    assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+
+
+def test_bf16_autocast_forward_trains_float32_state():
+    x, y = data()
+    model = mlp()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
+    first = None
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else opt.state[model[0].weight]["mean"].clone()
+    mean = opt.state[model[0].weight]["mean"]
+    assert mean.dtype == torch.float32 and not torch.equal(mean, first)
+
+
+# ---------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)                     # different global seeds on purpose
+    model = nn.parallel.DistributedDataParallel(mlp(seed=0))
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
+    x, y = data()
+    half = len(x) // world
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(xs), ys).backward()   # DDP averages the gradients
+        opt.step()
+    torch.save({"seed": opt._seed, "weights": [p.detach() for p in model.parameters()],
+                "means": [opt.state[p]["mean"] for p in model.parameters()]}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_ranks_agree_and_match_single_process_training_on_the_union_batch(tmp_path):
+    steps = 3
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), steps), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["seed"] == r1["seed"]          # rank 0's seed was broadcast
+    for a, b in zip(r0["weights"] + r0["means"], r1["weights"] + r1["means"]):
+        assert torch.equal(a, b)             # every rank: the same sample, the same state
+    model = mlp(seed=0)
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64,
+                             generator=torch.Generator().manual_seed(r0["seed"]))
+    x, y = data()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    # the mean of two half-batch means is the union mean, up to float32 rounding
+    for p, w, m in zip(model.parameters(), r0["weights"], r0["means"]):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(opt.state[p]["mean"], m, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+def test_compiled_model_trains_without_recompiles_and_matches_eager(monkeypatch):
+    # fullgraph: the model has no graph break; error_on_recompile: writing samples and swapping
+    # the mean in and out of the weights never invalidates the compiled graph
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    x, y = data()
+    runs = []
+    for compiled in (False, True):
+        model = mlp()
+        fwd = torch.compile(model, backend="eager", fullgraph=True) if compiled else model
+        opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64,
+                                 generator=torch.Generator().manual_seed(0))
+        for _ in range(4):
+            opt.zero_grad()
+            F.cross_entropy(fwd(x), y).backward()
+            opt.step()
+            opt.eval()
+            fwd(x).detach()      # (no_grad would recompile for grad mode, whatever the optimizer)
+            opt.train()
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- exact resume
+def _trainer(seed_state=None):
+    model = mlp()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64,
+                             generator=torch.Generator().manual_seed(5))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+    return model, opt, sched
+
+
+def _train(model, opt, sched, steps, start):
+    x, y = data(64)
+    for t in range(start, start + steps):
+        idx = torch.arange(t * 8, t * 8 + 8) % 64
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        sched.step()
+
+
+def test_kill_and_resume_continues_bit_identically():
+    model, opt, sched = _trainer()
+    _train(model, opt, sched, 8, 0)                       # uninterrupted
+    m1, o1, s1 = _trainer()
+    _train(m1, o1, s1, 3, 0)
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict(), "sched": s1.state_dict()}, buf)
+    del m1, o1, s1                                        # "killed"
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    m2, o2, s2 = _trainer()
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    s2.load_state_dict(ckpt["sched"])
+    _train(m2, o2, s2, 5, 3)
+    for p, q in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+        for k in opt.state[p]:
+            assert torch.equal(opt.state[p][k], o2.state[q][k]), k
+    assert opt.param_groups[0]["lr"] == o2.param_groups[0]["lr"]
