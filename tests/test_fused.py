@@ -229,3 +229,15 @@ def test_compiled_optimizer_trains_blr_and_resumes_exactly():
     train(model2, opt2, 3)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_compiled_without_a_cpu_compiler_is_refused_up_front(monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="C\\+\\+ compiler.*compiled=False"):
+        ProxScoreOptimizer(model.parameters(), dataset_size=10, compiled=True)
+    ProxScoreOptimizer(model.parameters(), dataset_size=10)          # the default needs none
+

@@ -13,13 +13,16 @@ them).
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 from torch import Tensor
 
 from ._functional import LOG_SCALE_MAX, LOG_SCALE_MIN
 from .families import gaussian
 
-__all__ = ["hash_normal", "compiled_step"]
+__all__ = ["hash_normal", "compiled_step", "check_available"]
 
 _GOLDEN = -7046029254386353131   # 0x9E3779B97F4A7C15 as int64
 _MIX1 = -4658895280553007687     # 0xBF58476D1CE4E5B9
@@ -73,6 +76,15 @@ def step_kernel(p: Tensor, grad: Tensor, mean: Tensor, log_scale: Tensor, mean_a
 
 
 _compiled_kernel = None
+
+
+def check_available(params: list[Tensor]) -> None:
+    """Refuse ``compiled=True`` up front where Inductor cannot build the kernel (CPU, no C++)."""
+    on_cpu = any(p.device.type == "cpu" for p in params)
+    compilers = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+    if on_cpu and not any(c and shutil.which(c) for c in compilers):
+        raise ValueError("compiled=True needs a C++ compiler for parameters on the CPU (torch.compile builds "
+                         "the kernel with it): install g++ or clang++, or use compiled=False")
 
 
 def _kernel():

@@ -135,6 +135,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             self._seed = _shared_seed(int(torch.randint(0, 2**62, (1,)).item()))
             self._generators = {}
         super().__init__(params, defaults)
+        if self.compiled:
+            _compiled.check_available([p for g in self.param_groups for p in g["params"]])
 
     # ------------------------------------------------------------------ groups and state
     def _extra_defaults(self) -> dict[str, Any]:
