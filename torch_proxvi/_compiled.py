@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._functional import LOG_SCALE_MAX, LOG_SCALE_MIN
+from ._functional import _adam as adam
 from .families import gaussian
 
 __all__ = ["hash_normal", "compiled_step", "check_available"]
@@ -45,21 +46,13 @@ def hash_normal(seed: Tensor, numel: int, dtype: torch.dtype, device) -> Tensor:
     return torch.sqrt(-2 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
-def _adam(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, bias1, bias2_sqrt):
-    if exp_avg is None:
-        exp_avg = grad
-    else:
-        exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    param.addcdiv_(exp_avg, exp_avg_sq.sqrt() / bias2_sqrt + eps, value=-lr / bias1)
-
-
 def step_kernel(p: Tensor, grad: Tensor, mean: Tensor, log_scale: Tensor, mean_avg: Tensor | None,
                 mean_avg_sq: Tensor, scale_avg: Tensor | None, scale_avg_sq: Tensor, prior_mean: Tensor | None,
                 seed: Tensor, hyper: Tensor, residual: bool, update_scale: bool) -> None:
     """One parameter's step (see :mod:`torch_proxvi._fused` for the math); ``hyper`` holds
-    lr, scale_lr, beta1, beta2, eps, -N/T, prior_precision, 1 - beta1^t, sqrt(1 - beta2^t)."""
-    lr, scale_lr, beta1, beta2, eps, score_scale, prior_precision, bias1, bias2_sqrt = hyper.unbind()
+    lr, scale_lr, beta1, beta2, eps, -N/T, prior_precision and the Adam step count (tensors, so
+    that changing them never recompiles)."""
+    lr, scale_lr, beta1, beta2, eps, score_scale, prior_precision, step = hyper.unbind()
     theta = p.to(mean.dtype)
     centred = theta if prior_mean is None else theta - prior_mean
     score = grad.to(mean.dtype) * score_scale - prior_precision * centred
@@ -67,9 +60,9 @@ def step_kernel(p: Tensor, grad: Tensor, mean: Tensor, log_scale: Tensor, mean_a
     var = torch.exp(2 * log_scale)
     grad_mean = -2 * (u / var + score) if residual else -2 * score
     grad_log_scale = -4 * (u * u / var + u * score)
-    _adam(mean, grad_mean, mean_avg, mean_avg_sq, lr, beta1, beta2, eps, bias1, bias2_sqrt)
+    adam(mean, grad_mean, mean_avg, mean_avg_sq, step, lr, beta1, beta2, eps)
     if update_scale:
-        _adam(log_scale, grad_log_scale, scale_avg, scale_avg_sq, scale_lr, beta1, beta2, eps, bias1, bias2_sqrt)
+        adam(log_scale, grad_log_scale, scale_avg, scale_avg_sq, step, scale_lr, beta1, beta2, eps)
         log_scale.clamp_(LOG_SCALE_MIN, LOG_SCALE_MAX)
     noise = hash_normal(seed, p.numel(), mean.dtype, mean.device).view(p.shape)
     p.copy_((mean + torch.exp(log_scale) * noise).to(p.dtype))
@@ -106,8 +99,8 @@ def compiled_step(params: list[Tensor], states: list[dict], group: dict, generat
     step = float(states[0]["step"])
     dtype, device = states[0]["mean"].dtype, states[0]["mean"].device
     hyper = torch.tensor([group["lr"], group["lr"] * group["scale_lr_ratio"], beta1, beta2, group["eps"],
-                          -group["dataset_size"] / group["temperature"], group["prior_precision"],
-                          1 - beta1**step, (1 - beta2**step) ** 0.5], dtype=dtype, device=device)
+                          -group["dataset_size"] / group["temperature"], group["prior_precision"], step],
+                         dtype=dtype, device=device)
     base = torch.randint(-(2**62), 2**62, (1,), generator=generator, device=generator.device)
     seeds = base.to(device) + torch.arange(len(params), device=device) * 0x632BE59BD9B4E019
     fn = kernel or _kernel()
