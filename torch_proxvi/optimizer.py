@@ -212,13 +212,19 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                          "tensors given to ProxScoreOptimizer(params)")
 
     # ------------------------------------------------------------------ the step
+    @staticmethod
+    def _theta_and_score(group: dict, p: Tensor, grad: Tensor, state: dict,
+                         copy: bool = False) -> tuple[Tensor, Tensor]:
+        """The sample in ``p`` (state dtype; ``copy`` to keep it past the next sample) and its score."""
+        theta = p.detach().to(state["mean"].dtype, copy=copy)
+        return theta, F.score(grad.to(theta.dtype), theta, state.get("prior_mean"),
+                              dataset_size=group["dataset_size"], prior_precision=group["prior_precision"],
+                              temperature=group["temperature"])
+
     def _score_stats(self, group: dict, p: Tensor, grad: Tensor, state: dict,
                      stats: F.ScoreStats | None, weight: float) -> F.ScoreStats:
-        theta = p.detach().to(state["mean"].dtype)
+        theta, s = self._theta_and_score(group, p, grad, state)
         u = theta - state["mean"]
-        s = F.score(grad.to(theta.dtype), theta, state.get("prior_mean"),
-                    dataset_size=group["dataset_size"], prior_precision=group["prior_precision"],
-                    temperature=group["temperature"])
         if stats is None:
             if weight == 1.0:
                 return F.ScoreStats(u, u * u, s, u * s)

@@ -188,10 +188,7 @@ class BatchGaussianVI(ProxScoreOptimizer):
                     f"set requires_grad=False on unused parameters before building the optimizer")
 
     def _score_stats(self, group, p, grad, state, stats, weight):
-        theta = p.detach().to(state["mean"].dtype, copy=True)
-        s = F.score(grad.to(theta.dtype), theta, state.get("prior_mean"),
-                    dataset_size=group["dataset_size"], prior_precision=group["prior_precision"],
-                    temperature=group["temperature"])
+        theta, s = self._theta_and_score(group, p, grad, state, copy=True)
         if stats is None:
             stats = ScoreSamples([], [])
         stats.theta.append(theta)
