@@ -54,6 +54,8 @@ def optimizers(device) -> dict:
                                                                  inner_steps=2),
         "ProxScore betas=(0, 0.999)": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
                                                                     betas=(0.0, 0.999)),
+        "ProxScore elementwise_flow": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
+                                                                    family="elementwise_flow"),
         "ProxScore compiled": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000, compiled=True),
         "ProxScore compiled, betas=(0, 0.999)": lambda ps: ProxScoreOptimizer(
             ps, lr=1e-3, dataset_size=50_000, compiled=True, betas=(0.0, 0.999)),

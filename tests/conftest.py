@@ -22,6 +22,13 @@ OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, **kw}
     ),
+    "proxscore_elementwise_flow": lambda params, **kw: ProxScoreOptimizer(
+        params, **{"lr": 1e-2, "dataset_size": 64, "family": "elementwise_flow", **kw}
+    ),
+    "proxscore_flow": lambda params, **kw: ProxScoreOptimizer(  # a small flow: the contract, not capacity
+        params, **{"lr": 1e-2, "dataset_size": 64, "family": "flow",
+                   "flow_options": {"transforms": 1, "hidden_features": (8,)}, **kw}
+    ),
     "advi": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, **kw}),
     "gsm": lambda params, **kw: GSM(params, **{"lr": 0.3, "dataset_size": 64, **kw}),
     "bam": lambda params, **kw: BaM(params, **{"lr": 1.0, "dataset_size": 64, **kw}),
@@ -29,9 +36,14 @@ OPTIMIZERS = {
 # An lr whose few steps move the posterior mean by far less than bf16's spacing (~1e-3) yet
 # visibly in float32: Adam-type updates move by ~lr; GSM's and BaM's lr scale a closed-form
 # step of the order of the posterior std (1e-3 at init), so they need a larger value.
-SMALL_LR = {"proxscore": 1e-5, "advi": 1e-5, "gsm": 1e-2, "bam": 1e-2}
+SMALL_LR = {"proxscore": 1e-5, "proxscore_elementwise_flow": 1e-5, "proxscore_flow": 1e-5,
+            "advi": 1e-5, "gsm": 1e-2, "bam": 1e-2}
+# Families that model a whole group jointly refuse a step where only some of its parameters got
+# a gradient (there is no marginal to update): the contract tests check that refusal instead.
+JOINT = {"proxscore_flow"}
 for _name, _factory in OPTIMIZERS.items():
     _factory.small_lr = SMALL_LR[_name]
+    _factory.joint = _name in JOINT
 
 N_FEATURES = 5
 N_HIDDEN = 8

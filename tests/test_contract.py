@@ -112,6 +112,17 @@ def test_param_without_grad_keeps_weights_and_gets_no_state(make_opt, data, with
         loss.backward()
         return loss
 
+    if make_opt.joint:  # refused, with nothing changed
+        with pytest.raises(RuntimeError, match="needs a gradient for every one"):
+            if with_closure:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        assert_all_equal(weights(model.used), used_before, "a refused step changed the weights")
+        assert_all_equal(weights(model.unused), unused_before, "a refused step changed the weights")
+        assert not any(opt.state.get(p) for p in model.parameters()), "a refused step made state"
+        return
     for _ in range(3):
         if with_closure:
             opt.step(closure)

@@ -131,7 +131,11 @@ class WithEmbedding(nn.Module):
 @pytest.mark.parametrize("with_closure", [False, True], ids=["plain", "closure"])
 def test_sparse_gradient_is_rejected_and_changes_nothing(make_opt, data, with_closure):
     model = WithEmbedding()
-    opt = make_opt(model.parameters())
+    if make_opt.joint:  # the embedding is unused at first: a joint group cannot hold it
+        opt = make_opt([{"params": model.head.parameters()},
+                        {"params": model.emb.parameters(), "family": "gaussian"}])
+    else:
+        opt = make_opt(model.parameters())
     x, y = data
     tokens = torch.arange(x.shape[0]) % 10
     for _ in range(2):  # train the dense part (the embedding is unused, so grad None)

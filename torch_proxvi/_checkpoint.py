@@ -31,6 +31,13 @@ class Checkpointing:
         if extra is None:
             raise ValueError("this state_dict was not saved by ProxScoreOptimizer (no 'proxvi' "
                              "entry): load a state_dict from ProxScoreOptimizer.state_dict()")
+        saved_sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        sizes = [len(g["params"]) for g in self.param_groups]
+        if saved_sizes != sizes:
+            raise ValueError(
+                f"state_dict does not match this model: its parameter groups hold {saved_sizes} "
+                f"parameters where this optimizer's groups hold {sizes}; load a checkpoint of the "
+                f"same model with the same param_groups")
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         id_map = dict(zip(saved_ids, params))
@@ -61,7 +68,8 @@ class Checkpointing:
 
     def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
         """The shape of state entry ``key`` of parameter ``p`` (checked when loading)."""
-        return tuple(p.shape)
+        group = self._group_of(p)
+        return self._family(group).state_shape(p, key, group)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

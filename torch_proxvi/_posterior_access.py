@@ -10,38 +10,52 @@ import torch
 from torch import Tensor
 
 from . import predictive as _predictive
-from .families import gaussian
+from .families import state_dtype
 
 __all__ = ["PosteriorAccess"]
 
 
 class PosteriorAccess:
-    """Uses the optimizer's ``state``, ``_params``, ``_group_of``, ``_init_state``, ``_draw``."""
+    """Uses the optimizer's ``state``, ``_params``, ``_group_of``, ``_family``, ``_draw``.
 
-    def _state_or_initial(self, p: Tensor) -> dict[str, Tensor]:
-        """The state of ``p``, or what it will be at its first step (without storing it)."""
-        group = self._group_of(p)
-        if self._has_posterior(p):
-            return self.state[p]
-        initial: dict[str, Tensor] = {}
-        self._init_state(initial, p, group)
-        return initial
+    Before its first step a parameter's posterior is the family's starting point, which for
+    every family is mean = the weights, marginal std = ``init_std``.
+    """
+
+    def _summaries(self, pairs, which: str) -> dict[Tensor, Tensor]:
+        """The family's marginal ``"mean"`` or ``"std"`` of each ``(group, p)`` of ``pairs``
+        (which have state); a joint family answers for its whole group at once."""
+        out: dict[Tensor, Tensor] = {}
+        for group, p in pairs:
+            if p in out:
+                continue
+            family = self._family(group)
+            params = ([q for q in group["params"] if self._has_posterior(q)] if family.joint else [p])
+            out.update(zip(params, getattr(family, which)(group, params, [self.state[q] for q in params])))
+        return out
 
     def posterior_mean(self, p: Tensor) -> Tensor:
-        """The variational mean of parameter ``p`` (float32 or float64, shape of ``p``)."""
-        return gaussian.mean(self._state_or_initial(p)).clone()
+        """The marginal posterior mean of parameter ``p`` (float32 or float64, shape of ``p``):
+        the family's mean (for the flows see their docs: quadrature or Monte Carlo)."""
+        group = self._group_of(p)
+        if not self._has_posterior(p):
+            return p.detach().to(state_dtype(p), copy=True)
+        return self._summaries([(group, p)], "mean")[p].clone()
 
     def posterior_std(self, p: Tensor) -> Tensor:
         """The marginal posterior standard deviation of parameter ``p`` (shape of ``p``)."""
-        return self._std(p, self._state_or_initial(p))
+        group = self._group_of(p)
+        if not self._has_posterior(p):
+            return torch.full(p.shape, float(group["init_std"]), dtype=state_dtype(p), device=p.device)
+        return self._std(p, self.state[p])
 
     def _std(self, p: Tensor, state: dict) -> Tensor:
-        return gaussian.std(state)
+        return self._summaries([(self._group_of(p), p)], "std")[p]
 
     @contextlib.contextmanager
     def mean_params(self) -> Iterator[None]:
         """Within the block the weights hold the posterior mean; restored afterwards."""
-        with self._swapped(lambda pairs: {p: gaussian.mean(self.state[p]) for _, p in pairs}):
+        with self._swapped(lambda pairs: self._summaries(pairs, "mean")):
             yield
 
     @contextlib.contextmanager
@@ -79,9 +93,10 @@ class PosteriorAccess:
         if self._mode == "eval":
             return
         with torch.no_grad():
-            for _, p in self._params(with_state=True):
+            pairs = list(self._params(with_state=True))
+            for p, mean in self._summaries(pairs, "mean").items():
                 self._held[p] = p.detach().clone()
-                p.copy_(gaussian.mean(self.state[p]))
+                p.copy_(mean)
         self._mode = "eval"
 
     def train(self) -> None:

@@ -6,14 +6,16 @@ import math
 import numbers
 from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["validate_group", "check_sparse"]
+from . import families
+
+__all__ = ["validate_group", "check_sparse", "check_joint", "gradients_finite", "scores_finite"]
 
 _REQUIRED: Any = object()
-_FAMILIES = ("gaussian",)
 _PRIOR_MEANS = ("zero", "init")
-_MEAN_UPDATES = ("score", "residual")
+_MEAN_UPDATES = (None, "score", "residual")
 
 
 def _check(cond: bool, name: str, value: Any, rule: str) -> None:
@@ -56,7 +58,7 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(isinstance(betas, (tuple, list)) and len(betas) == 2
            and all(_is_real(b) and 0 <= b < 1 for b in betas),
            "betas", betas, "must be two floats in [0, 1)")
-    for name, allowed in (("family", _FAMILIES), ("prior_mean", _PRIOR_MEANS),
+    for name, allowed in (("family", families.names()), ("prior_mean", _PRIOR_MEANS),
                           ("mean_update", _MEAN_UPDATES)):
         _check(group[name] in allowed, name, group[name], f"choose one of {allowed}")
     for p in group["params"]:
@@ -71,3 +73,42 @@ def check_sparse(work: list[tuple[dict, Tensor]]) -> None:
     if any(p.grad.is_sparse for _, p in work):
         raise RuntimeError("ProxScoreOptimizer does not support sparse gradients: use a dense "
                            "embedding (nn.Embedding(..., sparse=False))")
+
+
+def check_joint(work: list[tuple[dict, Tensor]], is_joint) -> None:
+    """A joint family's group must get a gradient for all of its parameters or none."""
+    counts: dict[int, tuple[dict, int]] = {}
+    for group, _ in work:
+        if is_joint(group):
+            counts[id(group)] = (group, counts.get(id(group), (group, 0))[1] + 1)
+    for group, count in counts.values():
+        if count != len(group["params"]):
+            raise RuntimeError(
+                f"family={group['family']!r} models all parameters of its group jointly and "
+                f"needs a gradient for every one of them ({count} of {len(group['params'])} "
+                f"have one): leave parameters that get no gradient out of that group")
+
+
+def gradients_finite(work: list[tuple[dict, Tensor]]) -> bool:
+    """One sync per device: is every N * grad / T finite in the state dtype?"""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
+    for group, p in work:
+        batches.setdefault((id(group), p.device), (group, []))[1].append(p.grad)
+    for (_, device), (group, grads) in batches.items():
+        norms = torch._foreach_norm(grads, float("inf"))
+        worst = torch.stack([n.to(torch.float64 if n.dtype == torch.float64 else torch.float32)
+                             for n in norms]).max()
+        scaled = worst * (group["dataset_size"] / group["temperature"])
+        by_device.setdefault(device, []).append(scaled.isfinite())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+def scores_finite(stats: dict) -> bool:
+    """One sync per device: are all scores finite? Each accumulator's ``probe`` is non-finite
+    wherever a score was (for the Gaussian ``<u s>``: 0 * inf is NaN too)."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for st in stats.values():
+        probe = st.probe
+        by_device.setdefault(probe.device, []).append(probe.isfinite().all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())

@@ -15,12 +15,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _compiled, _fused
+from . import _compiled, _fused, families
 from . import _functional as F
 from ._checkpoint import Checkpointing
 from ._posterior_access import PosteriorAccess
-from ._validation import _REQUIRED, check_sparse, validate_group
-from .families import gaussian
+from ._validation import _REQUIRED, check_joint, check_sparse, gradients_finite, scores_finite, validate_group
+from .families import Family, state_dtype
 
 __all__ = ["ProxScoreOptimizer"]
 
@@ -38,7 +38,9 @@ def _shared_seed(seed: int) -> int:
 class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
     r"""Variational inference over a model's weights by proximal score matching.
 
-    Keeps a mean-field Gaussian :math:`q = N(m, \mathrm{diag}\,\sigma^2)` per parameter. The weights
+    Keeps a variational posterior per parameter group: by default the mean-field Gaussian
+    :math:`q = N(m, \mathrm{diag}\,\sigma^2)`; ``family`` chooses an element-wise or a dense
+    flow instead (:mod:`torch_proxvi.families`). The weights
     always hold a sample :math:`\theta \sim q_t`; ``loss.backward()`` at that sample gives the
     posterior score :math:`\hat s = -N \nabla L_B / T - \lambda_0 (\theta - \mu_0)`, and ``step()``
     moves :math:`q` toward
@@ -47,7 +49,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         q_{t+1} = \arg\min_q \frac1K \sum_k \|\sigma_t \odot (\nabla_\theta \log q(\theta_k)
                   - \hat s(\theta_k))\|^2 + \lambda_{prox}\,\mathrm{KL}(q \,\|\, q_t)
 
-    with ``inner_steps`` Adam steps on :math:`(m, \log\sigma)`, then writes a fresh sample
+    with ``inner_steps`` Adam steps on :math:`(m, \log\sigma)` (on every variational parameter,
+    by autograd, for the flows), then writes a fresh sample
     :math:`\theta \sim q_{t+1}` into the parameters. No reparameterised gradients are needed.
 
     Args:
@@ -57,17 +60,24 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         dataset_size: number of training examples N (required).
         prior_precision: :math:`\lambda_0` of the Gaussian prior :math:`N(\mu_0, 1/\lambda_0)`.
         prior_mean: ``"zero"`` or ``"init"`` (the weights at construction; for fine-tuning).
-        family: variational family, ``"gaussian"`` (mean-field).
+        family: variational family: ``"gaussian"`` (mean-field, the default),
+            ``"elementwise_flow"`` (a sinh-arcsinh transform per weight: skew and tails, for
+            whole networks) or ``"flow"`` (a dense spline flow from zuko over a small group, e.g.
+            a classifier head); see :mod:`torch_proxvi.families` and docs/api.md.
         init_std: initial posterior standard deviation of every weight.
         mc_samples: K, samples per step when ``step`` gets a closure.
         inner_steps: Adam steps on the proximal objective per ``step``.
         prox_weight: :math:`\lambda_{prox}` (acts from the second inner step on).
         betas, eps: Adam's coefficients for the variational parameters.
         temperature: T; the likelihood term of the score is divided by it.
-        mean_update: ``"score"`` (mean follows the score alone, the default chosen by the
-            ablation in docs/method.md) or ``"residual"`` (the full score-matching residual).
+        mean_update: ``"score"`` (mean follows the score alone) or ``"residual"`` (the full
+            score-matching residual); None (default) takes the family's choice: ``"score"``
+            for the Gaussian (chosen by the ablation in docs/method.md), ``"residual"`` for
+            the flows (the only rule that is stable for them).
         scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``.
         warmup_steps: optimizer steps during which only the mean moves.
+        flow_options: for ``family="flow"``, options of ``zuko.flows.NSF`` (default
+            ``{"transforms": 2, "hidden_features": (32, 32), "bins": 8}``).
         generator: ``torch.Generator`` for the weight samples (default: seeded from torch's
             global RNG at construction, so ``torch.manual_seed`` makes runs repeatable; under
             ``torch.distributed`` rank 0's seed is broadcast, so every rank draws the same
@@ -108,9 +118,10 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         temperature: float = 1.0,
-        mean_update: str = "score",
+        mean_update: str | None = None,
         scale_lr_ratio: float = 1.0,
         warmup_steps: int = 0,
+        flow_options: dict | None = None,
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
         compiled: bool = False,
@@ -120,7 +131,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             prior_mean=prior_mean, family=family, init_std=init_std, mc_samples=mc_samples,
             inner_steps=inner_steps, prox_weight=prox_weight, betas=betas, eps=eps,
             temperature=temperature, mean_update=mean_update, scale_lr_ratio=scale_lr_ratio,
-            warmup_steps=warmup_steps,
+            warmup_steps=warmup_steps, flow_options=flow_options,
         )
         defaults.update(self._extra_defaults())
         self.foreach = True if foreach is None else bool(foreach)
@@ -139,6 +150,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             _compiled.check_available([p for g in self.param_groups for p in g["params"]])
 
     # ------------------------------------------------------------------ groups and state
+    #: the families a subclass supports (None: every registered family)
+    _families: tuple[str, ...] | None = None
+
     def _extra_defaults(self) -> dict[str, Any]:
         """Group keys a subclass adds (set as attributes before ``__init__`` runs)."""
         return {}
@@ -148,15 +162,23 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         group = self.param_groups[-1]
         try:
             validate_group(group)
-        except (TypeError, ValueError):
+            if self._families is not None and group["family"] not in self._families:
+                raise ValueError(f"Invalid family: {group['family']!r} ({type(self).__name__} "
+                                 f"supports {self._families}; use ProxScoreOptimizer for the others)")
+            self._family(group).validate(group)
+        except (TypeError, ValueError, ImportError):
             self.param_groups.pop()
             raise
         if group["prior_mean"] == "init":  # the weights now, before any sample is written
             for p in group["params"]:
-                self.state[p]["prior_mean"] = p.detach().to(gaussian.state_dtype(p), copy=True)
+                self.state[p]["prior_mean"] = p.detach().to(state_dtype(p), copy=True)
+
+    @staticmethod
+    def _family(group: dict) -> Family:
+        return families.get(group["family"])
 
     def _has_posterior(self, p: Tensor) -> bool:
-        return "mean" in self.state.get(p, ())
+        return "step" in self.state.get(p, ())
 
     def _forget(self, p: Tensor) -> None:
         """Back to the state before ``p``'s first step (only a prior mean, if any)."""
@@ -174,13 +196,13 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
 
     def _state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         state = self.state[p]
-        if "mean" not in state:
+        if "step" not in state:
             self._init_state(state, p, group)
         return state
 
     def _init_state(self, state: dict, p: Tensor, group: dict) -> None:
         """Fill the state of ``p`` at its first step (the family's storage)."""
-        gaussian.init_state(state, p, init_std=group["init_std"], first_moments=group["betas"][0] > 0)
+        self._family(group).init_state(state, p, group)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -192,8 +214,21 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
 
     def _draw(self, pairs, generator_of: Callable[[torch.device], torch.Generator | None]
               ) -> dict[Tensor, Tensor]:
-        """One posterior sample for each ``(group, p)`` of ``pairs`` (which have state)."""
-        return {p: gaussian.sample(self.state[p], generator_of(p.device)) for _, p in pairs}
+        """One posterior sample for each ``(group, p)`` of ``pairs`` (which have state).
+
+        Element-wise families draw parameter by parameter in the order of ``pairs``; a joint
+        family draws all parameters of its group at once (where the group's first one comes)."""
+        out: dict[Tensor, Tensor] = {}
+        for group, p in pairs:
+            family = self._family(group)
+            if not family.joint:
+                out[p] = family.sample(group, [p], [self.state[p]], generator_of(p.device))[0]
+            elif p not in out:
+                params = [q for q in group["params"] if self._has_posterior(q)]
+                values = family.sample(group, params, [self.state[q] for q in params],
+                                       generator_of(p.device))
+                out.update(zip(params, values))
+        return out
 
     def _write_samples(self, pairs) -> None:
         """Write a fresh training sample (training RNG) into each parameter of ``pairs``."""
@@ -201,8 +236,10 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             p.copy_(value)
 
     def _check_work(self, work) -> None:
-        """Refuse a step before anything changes (sparse gradients; subclasses add rules)."""
+        """Refuse a step before anything changes (sparse gradients, a joint family's group with
+        gradients for only some of its parameters; subclasses add rules)."""
         check_sparse(work)
+        check_joint(work, lambda group: self._family(group).joint)
 
     def _group_of(self, p: Tensor) -> dict:
         for group in self.param_groups:
@@ -216,7 +253,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
     def _theta_and_score(group: dict, p: Tensor, grad: Tensor, state: dict,
                          copy: bool = False) -> tuple[Tensor, Tensor]:
         """The sample in ``p`` (state dtype; ``copy`` to keep it past the next sample) and its score."""
-        theta = p.detach().to(state["mean"].dtype, copy=copy)
+        theta = p.detach().to(state_dtype(p), copy=copy)
         return theta, F.score(grad.to(theta.dtype), theta, state.get("prior_mean"),
                               dataset_size=group["dataset_size"], prior_precision=group["prior_precision"],
                               temperature=group["temperature"])
@@ -224,13 +261,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
     def _score_stats(self, group: dict, p: Tensor, grad: Tensor, state: dict,
                      stats: F.ScoreStats | None, weight: float) -> F.ScoreStats:
         theta, s = self._theta_and_score(group, p, grad, state)
-        u = theta - state["mean"]
-        if stats is None:
-            if weight == 1.0:
-                return F.ScoreStats(u, u * u, s, u * s)
-            stats = F.ScoreStats.zeros_like(u)
-        F.accumulate_stats(stats, u, s, weight)
-        return stats
+        return self._family(group).collect(group, state, theta, s, stats, weight)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -249,18 +280,17 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             loss = None
             work = [(g, p) for g, p in self._params() if p.grad is not None]
             self._check_work(work)
-            if self._fusable(work):
-                if not self._grads_finite(work):
-                    return self._skip(loss)
-                self._fused_step(work)
-                return loss
+            fused = [(g, p) for g, p in work if self._fusable(g)]
+            work = [(g, p) for g, p in work if not self._fusable(g)]
             created = [p for _, p in work if not self._has_posterior(p)]
             stats = {p: self._score_stats(g, p, p.grad, self._state(p, g), None, 1.0)
                      for g, p in work}
-            if not self._finite(stats):
+            if not (scores_finite(stats) and gradients_finite(fused)):
                 for p in created:
                     self._forget(p)
                 return self._skip(loss)
+            if fused:
+                self._fused_step(fused)
         else:
             loss, work, stats = self._sample_and_score(closure)
         self._update(work, stats)
@@ -306,7 +336,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             raise
         loss = None if losses[0] is None else torch.stack(
             [torch.as_tensor(v).detach().float() for v in losses]).mean()
-        if not self._finite(stats):
+        if not scores_finite(stats):
             undo()
             return self._skip(loss), [], {}
         for (_, p), saved in zip(candidates, backup):
@@ -316,30 +346,17 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                     self._forget(p)
         return loss, [(g, p) for g, p in candidates if p in stats], stats
 
-    def _fusable(self, work) -> bool:
-        """The common step (K=1, one inner step, this class's update) has a fused path."""
+    def _fusable(self, group: dict) -> bool:
+        """The common step of ``group`` (K=1, one inner step, this class's Gaussian update) has
+        a fused path."""
         return (self.foreach and type(self)._update_batch is ProxScoreOptimizer._update_batch
-                and all(g["inner_steps"] == 1 for g, _ in work))
-
-    @staticmethod
-    def _grads_finite(work) -> bool:
-        """One sync per device: is every N * grad / T finite in the state dtype?"""
-        by_device: dict[torch.device, list[Tensor]] = {}
-        batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
-        for group, p in work:
-            batches.setdefault((id(group), p.device), (group, []))[1].append(p.grad)
-        for (_, device), (group, grads) in batches.items():
-            norms = torch._foreach_norm(grads, float("inf"))
-            worst = torch.stack([n.to(gaussian.state_dtype(n)) for n in norms]).max()
-            scaled = worst * (group["dataset_size"] / group["temperature"])
-            by_device.setdefault(device, []).append(scaled.isfinite())
-        return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+                and group["inner_steps"] == 1 and group["family"] == "gaussian")
 
     def _fused_step(self, work) -> None:
         batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
         for group, p in work:
             state = self._state(p, group)
-            key = (id(group), p.device, state["mean"].dtype, float(state["step"]))
+            key = (id(group), p.device, state_dtype(p), float(state["step"]))
             batches.setdefault(key, (group, []))[1].append(p)
         if self.compiled:
             for group, ps in batches.values():
@@ -356,16 +373,6 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                 update_scale=float(states[0]["step"]) >= group["warmup_steps"])
         _fused.sample_([p for _, p in work], [self.state[p] for _, p in work], self._generator)
 
-    @staticmethod
-    def _finite(stats: dict[Tensor, F.ScoreStats]) -> bool:
-        """One sync: are all scores finite? NaN or inf anywhere in a gradient, or a score that
-        overflows, makes ``<u s>`` non-finite (0 * inf is NaN too)."""
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for st in stats.values():
-            probe = st.probe
-            by_device.setdefault(probe.device, []).append(probe.isfinite().all())
-        return all(bool(torch.stack(flags).all()) for flags in by_device.values())
-
     def _skip(self, loss):
         self.skipped_steps += 1
         warnings.warn(
@@ -380,24 +387,14 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
         for group, p in work:
             state = self.state[p]
-            key = (id(group), state["mean"].device, state["mean"].dtype, float(state["step"]))
+            key = (id(group), p.device, state_dtype(p), float(state["step"]))
             batches.setdefault(key, (group, []))[1].append(p)
         for group, ps in batches.values():
             states = [self.state[p] for p in ps]
             self._update_batch(group, states, [stats[p] for p in ps])
 
-    def _update_batch(self, group: dict, states: list[dict], stats: list[F.ScoreStats]) -> None:
-        """Move one batch of same-device, same-dtype, same-step states (the method's update)."""
-        outer_steps = float(states[0]["step"]) // group["inner_steps"]
-        F.gaussian_update(
-            [s["mean"] for s in states], [s["log_scale"] for s in states], stats,
-            gaussian.first_moments(states, "mean_exp_avg", group["betas"][0]),
-            [s["mean_exp_avg_sq"] for s in states],
-            gaussian.first_moments(states, "log_scale_exp_avg", group["betas"][0]),
-            [s["log_scale_exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            lr=group["lr"], scale_lr=group["lr"] * group["scale_lr_ratio"],
-            betas=group["betas"], eps=group["eps"], inner_steps=group["inner_steps"],
-            prox_weight=group["prox_weight"], mean_update=group["mean_update"],
-            update_scale=outer_steps >= group["warmup_steps"], foreach=self.foreach,
-        )
+    def _update_batch(self, group: dict, states: list[dict], stats: list) -> None:
+        """Move one batch of same-device, same-dtype, same-step states (the family's update)."""
+        family = self._family(group)
+        device = states[0][family.variational[0]].device
+        family.update(group, states, stats, foreach=self.foreach, generator=self._generator(device))

@@ -18,7 +18,6 @@ in them. A subclass implements ``_diagonal_update`` and ``_dense_update``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -26,22 +25,12 @@ from torch import Tensor
 from .. import _functional as F
 from .._validation import _REQUIRED, _check
 from ..families import gaussian
+from ..families._proximal import ScoreSamples
 from ..optimizer import ProxScoreOptimizer
 
 MAX_DENSE_DIM = 1000
 _COVARIANCES = ("diagonal", "dense")
 
-
-@dataclass
-class ScoreSamples:
-    """The K samples of one step and their scores, for one parameter (state dtype)."""
-
-    theta: list[Tensor]
-    score: list[Tensor]
-
-    @property
-    def probe(self) -> Tensor:
-        return torch.stack(self.score)
 
 
 def symmetric_sqrt(matrix: Tensor) -> Tensor:
@@ -52,6 +41,8 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
 
 class BatchGaussianVI(ProxScoreOptimizer):
     """Base of GSM and BaM: a Gaussian posterior moved by a closed-form batch update."""
+
+    _families = ("gaussian",)
 
     def __init__(self, params, lr: float = 1.0, *, dataset_size: float = _REQUIRED,
                  prior_precision: float = 1.0, prior_mean: str = "zero",

@@ -30,6 +30,8 @@ __all__ = ["ADVI"]
 class ADVI(ProxScoreOptimizer):
     """Mean-field ADVI with the ProxScoreOptimizer contract (see the module docstring)."""
 
+    _families = ("gaussian",)
+
     def __init__(self, params, lr: float = 1e-3, *, dataset_size: float = _REQUIRED,
                  prior_precision: float = 1.0, prior_mean: str = "zero", family: str = "gaussian",
                  init_std: float = 1e-3, mc_samples: int = 1, betas=(0.9, 0.999), eps: float = 1e-8,

@@ -1,5 +1,13 @@
-"""Variational families: how each stores, samples and summarises its per-parameter state."""
+"""Variational families: how each stores, samples, scores and updates its per-parameter state.
 
-from . import gaussian
+The protocol is :class:`~torch_proxvi.families.base.Family`; the group key ``family`` names one:
 
-__all__ = ["gaussian"]
+* ``"gaussian"``: mean-field Gaussian, closed-form update (:mod:`.gaussian`);
+* ``"elementwise_flow"``: a sinh-arcsinh transform of a Gaussian per weight (:mod:`.sinh_arcsinh`);
+* ``"flow"``: a dense spline flow (zuko) over a small parameter group (:mod:`.flow`).
+"""
+
+from . import flow, gaussian, sinh_arcsinh
+from .base import Family, get, names, register, state_dtype
+
+__all__ = ["Family", "get", "names", "register", "state_dtype", "flow", "gaussian", "sinh_arcsinh"]

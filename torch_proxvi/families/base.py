@@ -1,0 +1,143 @@
+r"""The variational-family protocol: what :class:`~torch_proxvi.ProxScoreOptimizer` asks of a family.
+
+A family owns the per-parameter ``state`` entries that describe :math:`q_\phi(\theta)` (plain
+tensors, float32 or float64 whatever the weights' dtype) and answers five questions about them:
+
+* **storage**: :meth:`Family.init_state` fills the state at a parameter's first step (the mean at
+  the current weights, the scale at ``init_std``, every other shape parameter at its Gaussian
+  value), :meth:`Family.state_shape` gives each entry's shape (checked when a ``state_dict`` is
+  loaded);
+* **sampling**: :meth:`Family.sample` draws :math:`\theta \sim q` from a ``torch.Generator``;
+* **density**: :meth:`Family.log_prob` and its score :meth:`Family.score`
+  :math:`\nabla_\theta \log q(\theta)`, and :meth:`Family.kl` :math:`\mathrm{KL}(q \,\|\, q')`
+  between two states (closed form where it exists, Monte Carlo otherwise);
+* **summaries**: :meth:`Family.mean` and :meth:`Family.std`, the marginal mean and standard
+  deviation of each weight (what ``mean_params()`` and ``posterior_std`` report);
+* **the step**: :meth:`Family.collect` accumulates what the update needs from each of the K
+  samples and its score estimate :math:`\hat s`, and :meth:`Family.update` moves the state toward
+  the proximal score-matching target (see docs/method.md).
+
+Element-wise families (``joint = False``) answer for one parameter at a time; a joint family
+(``joint = True``, e.g. a dense flow) describes all parameters of a group together, so its methods
+take and return lists in the group's parameter order. Families are stateless singletons looked up
+by name with :func:`get`; the optimizer's group key ``family`` names one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["Family", "get", "names", "register", "state_dtype"]
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """float64 for float64 weights, float32 for everything else (bf16/fp16 included)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def sum_weights(values: Tensor, like: Tensor) -> Tensor:
+    """Sum ``values`` (shape ``batch + like.shape``) over the dimensions of ``like``."""
+    return values.sum(dim=tuple(range(values.dim() - like.dim(), values.dim()))) if like.dim() else values
+
+
+class Family:
+    """Base class of the variational families; see the module docstring for the protocol.
+
+    Every method takes the parameter ``group`` (the optimizer's group dict, for hyperparameters),
+    the parameters ``params`` and their ``states`` (lists in group order; one entry each for an
+    element-wise family called per parameter).
+    """
+
+    name: str = ""
+    joint: bool = False
+    #: state entries that are the variational parameters (the rest are Adam moments and ``step``)
+    variational: tuple[str, ...] = ()
+    #: the ``mean_update`` rules the family supports; the first is its default
+    mean_updates: tuple[str, ...] = ("score", "residual")
+
+    # ---------------------------------------------------------------- storage
+    def validate(self, group: dict[str, Any]) -> None:
+        """Raise ValueError (naming the fix) if ``group`` cannot use this family; resolve
+        ``mean_update=None`` to the family's default."""
+        if group["mean_update"] is None:
+            group["mean_update"] = self.mean_updates[0]
+        if group["mean_update"] not in self.mean_updates:
+            raise ValueError(
+                f"Invalid mean_update: {group['mean_update']!r} (family={self.name!r} supports "
+                f"{self.mean_updates}; {self._mean_update_note})")
+
+    _mean_update_note = ""
+
+    def init_state(self, state: dict, p: Tensor, group: dict) -> None:
+        """Fill ``state`` for parameter ``p`` of ``group`` at its first step."""
+        raise NotImplementedError
+
+    def state_shape(self, p: Tensor, key: str, group: dict) -> tuple[int, ...]:
+        """The shape of the state entry ``key`` of ``p`` (default: the parameter's shape)."""
+        return tuple(p.shape)
+
+    # ---------------------------------------------------------------- the density
+    def sample(self, group: dict, params: list[Tensor], states: list[dict],
+               generator: torch.Generator | None, count: int | None = None) -> list[Tensor]:
+        """One draw :math:`\\theta \\sim q` per parameter (state dtype, the parameters' shapes),
+        or ``count`` draws stacked along a new first dimension."""
+        raise NotImplementedError
+
+    def log_prob(self, group: dict, states: list[dict], thetas: list[Tensor]) -> Tensor:
+        """:math:`\\log q(\\theta)` summed over all weights of ``thetas``: a scalar, or one value
+        per sample when every tensor has the same leading batch dimensions."""
+        raise NotImplementedError
+
+    def score(self, group: dict, states: list[dict], thetas: list[Tensor]) -> list[Tensor]:
+        """:math:`\\nabla_\\theta \\log q(\\theta)` for each tensor of ``thetas`` (leading batch
+        dimensions allowed)."""
+        raise NotImplementedError
+
+    def kl(self, group: dict, states: list[dict], others: list[dict],
+           generator: torch.Generator | None = None) -> Tensor:
+        """:math:`\\mathrm{KL}(q \\,\\|\\, q')` of ``states`` to ``others`` summed over weights."""
+        raise NotImplementedError
+
+    def mean(self, group: dict, params: list[Tensor], states: list[dict]) -> list[Tensor]:
+        """The marginal mean of every weight."""
+        raise NotImplementedError
+
+    def std(self, group: dict, params: list[Tensor], states: list[dict]) -> list[Tensor]:
+        """The marginal standard deviation of every weight."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the step
+    def collect(self, group: dict, state: dict, theta: Tensor, score: Tensor, acc: Any,
+                weight: float) -> Any:
+        """Add one sample ``theta`` and its score estimate (weight ``1/K``) to ``acc`` (None at
+        the first sample); return the accumulator. It must have a ``probe`` tensor that is
+        non-finite wherever a score was."""
+        raise NotImplementedError
+
+    def update(self, group: dict, states: list[dict], accs: list[Any], *, foreach: bool,
+               generator: torch.Generator | None) -> None:
+        """One proximal score-matching step of ``states`` (all at the same step count)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Make ``family`` available as the group key ``family=family.name``."""
+    _REGISTRY[family.name] = family
+    return family
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Family:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"Invalid family: {name!r} (choose one of {names()})") from None

@@ -1,0 +1,195 @@
+r"""Element-wise flow family: every weight is a sinh-arcsinh transform of a standard normal.
+
+``family="elementwise_flow"``. Per weight (Jones & Pewsey 2009)
+
+.. math::
+    \theta = m + \sigma\, \sinh\!\Big(\frac{\operatorname{asinh}(z) + a}{\delta}\Big),
+    \qquad z \sim N(0, 1),\quad \sigma = e^{\rho},\ \delta = e^{\tau},
+
+with location :math:`m`, scale :math:`\sigma`, skewness :math:`a` (positive: right skew) and tail
+weight :math:`\delta` (below 1: heavier tails than the normal, above 1: lighter). At
+:math:`a = 0, \delta = 1` it is exactly :math:`N(m, \sigma^2)`, which is where it starts. With
+:math:`x = (\theta - m)/\sigma` and :math:`w = \delta \operatorname{asinh}(x) - a`
+(so :math:`z = \sinh w`), everything is closed form and element-wise:
+
+.. math::
+    \log q(\theta) = -\tfrac12 \sinh^2 w + \log\cosh w + \log\delta - \tfrac12 \log(1 + x^2)
+                     - \log\sigma - \tfrac12 \log 2\pi
+
+.. math::
+    \nabla_\theta \log q(\theta) = \frac1\sigma \Big[\frac{\delta\,(\tanh w - \tfrac12 \sinh 2w)}
+                                   {\sqrt{1 + x^2}} - \frac{x}{1 + x^2}\Big]
+
+State per weight (float32, float64 for float64 weights): ``loc``, ``log_scale``, ``skew``,
+``log_tail`` and Adam's moments ``<name>_exp_avg_sq`` (and ``<name>_exp_avg`` when
+``betas[0] > 0``), plus ``step``: 8 or 12 tensors the size of the weights. The mean and standard
+deviation are expectations over :math:`z` taken by 64-node Gauss-Hermite quadrature (exact to
+~1e-6 relative over the allowed shapes; tested against the closed form with Bessel functions).
+``log_tail`` is kept in :math:`[\log\frac14, \log 4]`, where every moment is finite, and
+``skew`` in :math:`[-4, 4]`. The update is the generic proximal step of
+:mod:`torch_proxvi.families._proximal` with :math:`D_t = \sigma_t`; the location gets the
+full score-matching residual (``mean_update="residual"``, the only rule: moving it by the score
+alone, the Gaussian's default, let location and skewness drift apart without bound on a skewed
+1-D target), the shape parameters the learning rate of the scale
+(``lr * scale_lr_ratio``) and, like it, stay fixed during ``warmup_steps``.
+
+Reference: M. C. Jones and A. Pewsey, "Sinh-arcsinh distributions", Biometrika 96(4), 2009.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _functional as F
+from . import _proximal
+from .base import Family, register, state_dtype, sum_weights
+
+__all__ = ["ElementwiseFlow", "transform", "log_prob", "score"]
+
+LOG_TAIL_BOUNDS = (math.log(0.25), math.log(4.0))
+SKEW_BOUNDS = (-4.0, 4.0)
+QUADRATURE_NODES = 64
+_LOG_2PI = math.log(2 * math.pi)
+_NAMES = ("loc", "log_scale", "skew", "log_tail")
+
+
+def transform(z: Tensor, loc: Tensor, log_scale: Tensor, skew: Tensor, log_tail: Tensor) -> Tensor:
+    """The weight :math:`\\theta` for standard-normal ``z`` (differentiable in every argument)."""
+    return loc + log_scale.exp() * torch.sinh((torch.asinh(z) + skew) / log_tail.exp())
+
+
+def _coordinates(theta, loc, log_scale, skew, log_tail):
+    x = (theta - loc) * torch.exp(-log_scale)
+    w = log_tail.exp() * torch.asinh(x) - skew
+    return x, w
+
+
+def log_prob(theta: Tensor, loc: Tensor, log_scale: Tensor, skew: Tensor, log_tail: Tensor) -> Tensor:
+    """Element-wise :math:`\\log q(\\theta)`."""
+    x, w = _coordinates(theta, loc, log_scale, skew, log_tail)
+    sinh_w = torch.sinh(w)
+    log_cosh = w.abs() + torch.log1p(torch.exp(-2 * w.abs())) - math.log(2.0)
+    return (-0.5 * sinh_w * sinh_w + log_cosh + log_tail - 0.5 * torch.log1p(x * x)
+            - log_scale - 0.5 * _LOG_2PI)
+
+
+def score(theta: Tensor, loc: Tensor, log_scale: Tensor, skew: Tensor, log_tail: Tensor) -> Tensor:
+    """Element-wise :math:`\\nabla_\\theta \\log q(\\theta)` (closed form)."""
+    x, w = _coordinates(theta, loc, log_scale, skew, log_tail)
+    one_x2 = 1 + x * x
+    inner = log_tail.exp() * (torch.tanh(w) - 0.5 * torch.sinh(2 * w)) / one_x2.sqrt() - x / one_x2
+    return inner * torch.exp(-log_scale)
+
+
+def _quadrature(dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    nodes, weights = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
+    weights = weights / weights.sum()
+    return (torch.as_tensor(nodes, dtype=dtype, device=device),
+            torch.as_tensor(weights, dtype=dtype, device=device))
+
+
+def moments(loc: Tensor, log_scale: Tensor, skew: Tensor, log_tail: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean and standard deviation of every weight, by Gauss-Hermite quadrature over z."""
+    nodes, weights = _quadrature(loc.dtype, loc.device)
+    first = torch.zeros_like(loc)
+    second = torch.zeros_like(loc)
+    tail = log_tail.exp()
+    for z, wt in zip(nodes, weights):
+        value = torch.sinh((torch.asinh(z) + skew) / tail)
+        first.add_(value, alpha=float(wt))
+        second.addcmul_(value, value, value=float(wt))
+    var = (second - first * first).clamp_min(0)
+    scale = log_scale.exp()
+    return loc + scale * first, scale * var.sqrt()
+
+
+def _params(state: dict) -> list[Tensor]:
+    return [state[name] for name in _NAMES]
+
+
+class ElementwiseFlow(Family):
+    """``family="elementwise_flow"``: a sinh-arcsinh transform per weight (module docstring)."""
+
+    name = "elementwise_flow"
+    variational = _NAMES
+    mean_updates = ("residual",)
+    _mean_update_note = ("moving the location by the score alone is unstable with a skewness "
+                         "parameter (it diverged on a skewed 1-D target); leave mean_update=None")
+
+    def init_state(self, state, p, group):
+        loc = p.detach().to(state_dtype(p), copy=True)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["loc"] = loc
+        state["log_scale"] = torch.full_like(loc, math.log(group["init_std"]))
+        state["skew"] = torch.zeros_like(loc)
+        state["log_tail"] = torch.zeros_like(loc)
+        for name in _NAMES:
+            state[f"{name}_exp_avg_sq"] = torch.zeros_like(loc)
+            if group["betas"][0] > 0:
+                state[f"{name}_exp_avg"] = torch.zeros_like(loc)
+
+    def sample(self, group, params, states, generator, count=None):
+        out = []
+        for st in states:
+            loc = st["loc"]
+            shape = loc.shape if count is None else (count, *loc.shape)
+            z = torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
+            out.append(transform(z, *_params(st)))
+        return out
+
+    def log_prob(self, group, states, thetas):
+        return sum(sum_weights(log_prob(theta, *_params(st)), st["loc"]) for st, theta in zip(states, thetas))
+
+    def score(self, group, states, thetas):
+        return [score(theta, *_params(st)) for st, theta in zip(states, thetas)]
+
+    def kl(self, group, states, others, generator=None):
+        """Monte Carlo: one reparameterised draw per weight from ``states``."""
+        total = 0.0
+        for st, ot in zip(states, others):
+            loc = st["loc"]
+            z = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+            theta = transform(z, *_params(st))
+            total = total + (log_prob(theta, *_params(st)) - log_prob(theta, *_params(ot))).sum()
+        return torch.as_tensor(total)
+
+    def mean(self, group, params, states):
+        return [moments(*_params(st))[0] for st in states]
+
+    def std(self, group, params, states):
+        return [moments(*_params(st))[1] for st in states]
+
+    def collect(self, group, state, theta, score, acc, weight):
+        return _proximal.ScoreSamples.collect(acc, theta, score)
+
+    def update(self, group, states, accs, *, foreach, generator):
+        outer_steps = float(states[0]["step"]) // group["inner_steps"]
+        shape_lr = group["lr"] * group["scale_lr_ratio"]
+        rates = {"loc": (group["lr"], None),
+                 "log_scale": (shape_lr, (F.LOG_SCALE_MIN, F.LOG_SCALE_MAX)),
+                 "skew": (shape_lr, SKEW_BOUNDS), "log_tail": (shape_lr, LOG_TAIL_BOUNDS)}
+        for st, acc in zip(states, accs):
+            variables = _proximal.adam_variables(st, rates, group["betas"][0], "loc",
+                                                 frozen=outer_steps < group["warmup_steps"])
+            thetas = acc.theta
+
+            def model_score(phi, thetas=thetas):
+                return [score(theta, *phi) for theta in thetas]
+
+            def kl(phi, phi_t, shape=st["loc"]):
+                z = torch.randn(shape.shape, generator=generator, device=shape.device, dtype=shape.dtype)
+                theta = transform(z, *phi)
+                return (log_prob(theta, *phi) - log_prob(theta, *phi_t)).sum()
+
+            _proximal.proximal_step(
+                variables, [st["step"]], model_score, acc.score, [sum(acc.score) / len(acc.score)],
+                torch.exp(2 * st["log_scale"]),
+                kl=kl, inner_steps=group["inner_steps"], prox_weight=group["prox_weight"],
+                betas=group["betas"], eps=group["eps"], mean_update=group["mean_update"])
+
+
+ELEMENTWISE_FLOW = register(ElementwiseFlow())
