@@ -37,6 +37,7 @@ from torch_proxvi import toy_targets as T
 FAMILIES = ("gaussian", "elementwise_flow", "flow")
 LRS = {"gaussian": (0.01, 0.03, 0.1), "elementwise_flow": (0.01, 0.03, 0.1), "flow": (0.003, 0.01)}
 STEPS = 3000
+PLOTTED_LAST_LAYER = (("gaussian", 0.03), ("elementwise_flow", 0.03), ("flow", 0.003))
 _PROBLEM: dict = {}
 
 
@@ -62,7 +63,32 @@ def _last_layer(task):
     opt, head = T.fit_last_layer(problem, _optimizer(family, lr, dataset_size=len(problem.labels),
                                                      prior_precision=1 / problem.prior_std**2,
                                                      init_std=0.5), steps=STEPS, seed=seed)
-    return task, T.last_layer_divergences(opt, head, problem), None
+    draws = T.head_draws(opt, head, 1500, torch.Generator().manual_seed(7))[0]
+    return task, T.last_layer_divergences(opt, head, problem), draws
+
+
+def _plot_last_layer(problem, draws: dict, path: Path) -> None:
+    """Draws on the two leading principal axes of the HMC draws (HMC in grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centre = problem.hmc_draws.mean(0)
+    _, _, axes_t = torch.linalg.svd(problem.hmc_draws - centre, full_matrices=False)
+    project = lambda d: ((d - centre) @ axes_t[:2].T).numpy()  # noqa: E731
+    reference = project(problem.hmc_draws[:1500])
+    fig, axes = plt.subplots(1, len(draws), figsize=(4.5 * len(draws), 4.2), sharex=True, sharey=True)
+    for ax, ((family, lr), d), colour in zip(axes, draws.items(), ("C0", "C1", "C2")):
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, c="0.6", alpha=0.5, label="HMC")
+        points = project(d)
+        ax.scatter(points[:, 0], points[:, 1], s=2, c=colour, alpha=0.5, label=f"{family} (lr {lr})")
+        ax.set_xlabel("1st principal axis of HMC")
+        ax.legend(fontsize=8, markerscale=4)
+    axes[0].set_ylabel("2nd principal axis")
+    fig.suptitle("BNN last layer: the head's posterior, seed 0")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _summary(results, name, family, metric):
@@ -163,9 +189,14 @@ def _bnn(args, seeds, start) -> None:
     _PROBLEM["last_layer"] = T.last_layer()
     tasks = [("last layer", f, lr, s) for f in FAMILIES for lr in LRS[f] for s in seeds]
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
-        bnn = {task: result for task, result, _ in pool.imap_unordered(_last_layer, tasks)}
+        bnn, draws = {}, {}
+        for task, result, sample in pool.imap_unordered(_last_layer, tasks):
+            bnn[task] = result
+            draws[task] = sample
     print(f"\n## BNN last layer against HMC ({time.time() - start:.0f} s in all), every lr\n")
     print(_table_all(bnn, ["kl", "fisher", "mmd", "predictive_kl"]))
+    shown = {(f, lr): draws[("last layer", f, lr, 0)] for f, lr in PLOTTED_LAST_LAYER}
+    _plot_last_layer(_PROBLEM["last_layer"], shown, Path(args.plot).with_name("families_last_layer.png"))
 
 
 if __name__ == "__main__":

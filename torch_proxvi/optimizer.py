@@ -76,8 +76,10 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             the flows (the only rule that is stable for them).
         scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``.
         warmup_steps: optimizer steps during which only the mean moves.
-        flow_options: for ``family="flow"``, options of ``zuko.flows.NSF`` (default
-            ``{"transforms": 2, "hidden_features": (32, 32), "bins": 8}``).
+        flow_options: for ``family="flow"``: ``transforms`` (pairs of affine and spline
+            coupling layers), ``hidden_features`` (their hyper-networks' widths), ``bins`` (spline
+            knots) and ``lr_ratio`` (the flow network's lr relative to ``lr``); default
+            ``{"transforms": 2, "hidden_features": (32, 32), "bins": 8, "lr_ratio": 0.1}``.
         generator: ``torch.Generator`` for the weight samples (default: seeded from torch's
             global RNG at construction, so ``torch.manual_seed`` makes runs repeatable; under
             ``torch.distributed`` rank 0's seed is broadcast, so every rank draws the same

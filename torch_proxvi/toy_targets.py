@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Target", "TARGETS", "fit", "divergences", "target_score", "LastLayer", "last_layer",
-           "fit_last_layer", "last_layer_divergences"]
+           "fit_last_layer", "head_draws", "last_layer_divergences"]
 
 
 @dataclass(frozen=True)
@@ -230,15 +230,13 @@ def _rbf_mmd(a: Tensor, b: Tensor) -> float:
 
 
 @torch.no_grad()
-def last_layer_divergences(opt, head: torch.nn.Module, problem: LastLayer, *, samples: int = 4000,
-                           seed: int = 1) -> dict[str, float]:
-    """KL(q || p) (exact normaliser), Fisher divergence, MMD to the HMC draws and the mean
-    predictive KL(HMC || q) on the input grid, for the head's posterior held by ``opt``."""
+def head_draws(opt, head: torch.nn.Module, samples: int, generator: torch.Generator):
+    """``samples`` draws of the head's flat (weight..., bias) from ``opt``'s posterior, with
+    their log-density and score under it."""
     params = [head.weight, head.bias]
     group = opt._group_of(head.weight)
     family = opt._family(group)
     states = [opt.state[p] for p in params]
-    generator = torch.Generator().manual_seed(seed)
     if family.joint:
         draws = family.sample(group, params, states, generator, samples)
         log_q = family.log_prob(group, states, draws)
@@ -248,8 +246,17 @@ def last_layer_divergences(opt, head: torch.nn.Module, problem: LastLayer, *, sa
         log_q = sum(family.log_prob(group, [st], [d]) for st, d in zip(states, draws))
         score_q = [family.score(group, [st], [d])[0] for st, d in zip(states, draws)]
     theta = torch.cat([d.reshape(samples, -1) for d in draws], -1).double()
-    score_q = torch.cat([s.reshape(samples, -1) for s in score_q], -1).double()
-    kl = (log_q.double() - problem.log_posterior(theta)).mean() + problem.log_normaliser
+    return theta, log_q.double(), torch.cat([s.reshape(samples, -1) for s in score_q], -1).double()
+
+
+@torch.no_grad()
+def last_layer_divergences(opt, head: torch.nn.Module, problem: LastLayer, *, samples: int = 4000,
+                           seed: int = 1) -> dict[str, float]:
+    """KL(q || p) (exact normaliser), Fisher divergence, MMD to the HMC draws and the mean
+    predictive KL(HMC || q) on the input grid, for the head's posterior held by ``opt``."""
+    generator = torch.Generator().manual_seed(seed)
+    theta, log_q, score_q = head_draws(opt, head, samples, generator)
+    kl = (log_q - problem.log_posterior(theta)).mean() + problem.log_normaliser
     with torch.enable_grad():
         t = theta.clone().requires_grad_()
         score_p = torch.autograd.grad(problem.log_posterior(t).sum(), t)[0]

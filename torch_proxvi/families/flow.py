@@ -5,12 +5,13 @@ r"""Dense flow family: a neural spline flow (zuko) over all weights of a small p
 .. math::
     \theta = m + \sigma \odot T_\psi^{-1}(z), \qquad z \sim N(0, I_D),
 
-where :math:`T_\psi` is a coupling neural spline flow (``zuko.flows.NSF`` with ``passes=2``:
-monotone rational-quadratic splines whose knots are predicted from the other half of the
-coordinates, halves alternating between transforms). It captures correlations, skew, heavy tails
-and multiple modes that the mean-field families cannot. It starts at the identity (the hyper
-networks' last layers are zero), so :math:`q_0 = N(\text{weights}, \text{init\_std}^2 I)` as for
-the Gaussian family. The log-density is the change of variables
+where :math:`T_\psi` alternates affine and monotone rational-quadratic spline coupling layers
+(zuko's masked autoregressive transforms with ``passes=2``: each half of the coordinates is
+transformed with parameters predicted from the other half, halves alternating). It captures
+correlations, skew, heavy tails and multiple modes that the mean-field families cannot. It
+starts at the identity (the hyper networks' last layers are zero), so
+:math:`q_0 = N(\text{weights}, \text{init\_std}^2 I)` as for the Gaussian family. The
+log-density is the change of variables
 
 .. math::
     \log q(\theta) = \log N(T_\psi(y); 0, I) + \log|\det \partial T_\psi / \partial y|
@@ -22,9 +23,10 @@ through it a second time. No reparameterised gradient of the model is ever neede
 
 State: every parameter of the group stores its slice of ``loc`` (:math:`m`) and ``log_scale``
 (:math:`\log\sigma`); the group's first parameter also stores ``flow``, the flow's weights as one
-flat vector (their layout is zuko's ``NSF`` built with the group's ``flow_options``). Each has
+flat vector (their layout is the zuko modules built from the group's ``flow_options``). Each has
 Adam moments ``<name>_exp_avg_sq`` (and ``<name>_exp_avg`` when ``betas[0] > 0``). The flow's
-weights learn at ``lr * scale_lr_ratio`` and stay fixed during ``warmup_steps``. The marginal
+weights learn at ``lr * flow_options["lr_ratio"]`` (0.1: at the location's rate the flow ran
+away on correlated and banana targets) and stay fixed during ``warmup_steps``. The marginal
 mean and std are Monte Carlo estimates over :data:`SUMMARY_SAMPLES` draws from a fixed seed
 (repeatable; their error is about std / 45).
 
