@@ -36,6 +36,9 @@ VARIANTS = {
     "scale_lr_ratio=10": {"scale_lr_ratio": 10.0},
     "warmup_steps=1 epoch": {"warmup_steps": "epoch"},
     "betas=(0, 0.999)": {"betas": (0.0, 0.999)},   # 4 state tensors per weight instead of 6
+    # the element-wise flow (sinh-arcsinh per weight) on the whole network, and at init_std 1e-2
+    "family=elementwise_flow": {"family": "elementwise_flow"},
+    "elementwise_flow, init_std=1e-2": {"family": "elementwise_flow", "init_std": 1e-2},
 }
 
 

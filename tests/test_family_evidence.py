@@ -9,7 +9,7 @@ over 20 000 draws of q. Margins:
   has a standard deviation below 1, over 20 000 draws), so a required KL gap of 0.05 (0.1 on
   the BNN) is at least 5 standard errors;
 * the flows are required to reach at most half the Gaussian's divergence, where the benchmark
-  (docs/benchmarks.md, "Variational families") measured a quarter or less on every seed (the
+  (docs/benchmarks.md, "Variational families") measured a third or less on every seed (the
   dense flow at lr 0.003: at 0.01 one seed of three diverged on the BNN);
 * on the bimodal target the Fisher divergence is not compared: a Gaussian that collapses onto one
   mode has a small one (it fits that mode), the KL exposes it;

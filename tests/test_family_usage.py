@@ -97,10 +97,9 @@ def test_a_flow_group_above_the_limit_is_refused_naming_the_limit_and_the_altern
     assert len(opt.param_groups) == 1
 
 
-@pytest.mark.parametrize("family", ["elementwise_flow", "flow"])
-def test_score_mean_update_is_refused_for_the_flows(family):
+def test_score_mean_update_is_refused_for_the_dense_flow():
     with pytest.raises(ValueError, match="mean_update.*leave mean_update=None"):
-        ProxScoreOptimizer(build_model().parameters(), dataset_size=10, family=family, mean_update="score")
+        ProxScoreOptimizer(build_model().parameters(), dataset_size=10, family="flow", mean_update="score")
 
 
 def test_unknown_family_and_flow_options_are_refused():

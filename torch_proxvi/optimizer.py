@@ -72,8 +72,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         temperature: T; the likelihood term of the score is divided by it.
         mean_update: ``"score"`` (mean follows the score alone) or ``"residual"`` (the full
             score-matching residual); None (default) takes the family's choice: ``"score"``
-            for the Gaussian (chosen by the ablation in docs/method.md), ``"residual"`` for
-            the flows (the only rule that is stable for them).
+            for the Gaussian and the element-wise flow (chosen by the ablations in
+            docs/method.md), ``"residual"`` for the dense flow (its only rule).
         scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``.
         warmup_steps: optimizer steps during which only the mean moves.
         flow_options: for ``family="flow"``: ``transforms`` (pairs of affine and spline

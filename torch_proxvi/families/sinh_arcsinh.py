@@ -3,13 +3,14 @@ r"""Element-wise flow family: every weight is a sinh-arcsinh transform of a stan
 ``family="elementwise_flow"``. Per weight (Jones & Pewsey 2009)
 
 .. math::
-    \theta = m + \sigma\, \sinh\!\Big(\frac{\operatorname{asinh}(z) + a}{\delta}\Big),
-    \qquad z \sim N(0, 1),\quad \sigma = e^{\rho},\ \delta = e^{\tau},
+    \theta = m + \sigma\, \Big[\sinh\!\Big(\frac{\operatorname{asinh}(z) + a}{\delta}\Big)
+             - \sinh\frac{a}{\delta}\Big], \qquad z \sim N(0, 1),\quad \sigma = e^{\rho},\ \delta = e^{\tau},
 
-with location :math:`m`, scale :math:`\sigma`, skewness :math:`a` (positive: right skew) and tail
-weight :math:`\delta` (below 1: heavier tails than the normal, above 1: lighter). At
-:math:`a = 0, \delta = 1` it is exactly :math:`N(m, \sigma^2)`, which is where it starts. With
-:math:`x = (\theta - m)/\sigma` and :math:`w = \delta \operatorname{asinh}(x) - a`
+with median :math:`m` (the offset :math:`\sinh(a/\delta)` is the transform at z = 0), scale
+:math:`\sigma`, skewness :math:`a` (positive: right skew) and tail weight :math:`\delta` (below 1:
+heavier tails than the normal, above 1: lighter). At :math:`a = 0, \delta = 1` it is exactly
+:math:`N(m, \sigma^2)`, which is where it starts. With
+:math:`x = (\theta - m)/\sigma + \sinh(a/\delta)` and :math:`w = \delta \operatorname{asinh}(x) - a`
 (so :math:`z = \sinh w`), everything is closed form and element-wise:
 
 .. math::
@@ -24,13 +25,14 @@ State per weight (float32, float64 for float64 weights): ``loc``, ``log_scale``,
 ``log_tail`` and Adam's moments ``<name>_exp_avg_sq`` (and ``<name>_exp_avg`` when
 ``betas[0] > 0``), plus ``step``: 8 or 12 tensors the size of the weights. The mean and standard
 deviation are expectations over :math:`z` taken by 64-node Gauss-Hermite quadrature (exact to
-~1e-6 relative over the allowed shapes; tested against the closed form with Bessel functions).
+~1e-6 relative over the allowed shapes; tested against numerical integration).
 ``log_tail`` is kept in :math:`[\log\frac14, \log 4]`, where every moment is finite, and
 ``skew`` in :math:`[-4, 4]`. The update is the generic proximal step of
-:mod:`torch_proxvi.families._proximal` with :math:`D_t = \sigma_t`; the location gets the
-full score-matching residual (``mean_update="residual"``, the only rule: moving it by the score
-alone, the Gaussian's default, let location and skewness drift apart without bound on a skewed
-1-D target), the shape parameters the learning rate of the scale
+:mod:`torch_proxvi.families._proximal` with :math:`D_t = \sigma_t`; the location follows the
+``mean_update`` rule (default ``"score"``, as for the Gaussian: with the full residual the family
+trained digits' MLP to 68.8 % instead of 97.3 %; centring at the median is what makes the score
+rule stable, since without it location and skewness drifted apart on a skewed target), the shape
+parameters the learning rate of the scale
 (``lr * scale_lr_ratio``) and, like it, stay fixed during ``warmup_steps``.
 
 Reference: M. C. Jones and A. Pewsey, "Sinh-arcsinh distributions", Biometrika 96(4), 2009.
@@ -57,13 +59,19 @@ _LOG_2PI = math.log(2 * math.pi)
 _NAMES = ("loc", "log_scale", "skew", "log_tail")
 
 
+def _median_offset(skew: Tensor, log_tail: Tensor) -> Tensor:
+    """:math:`\\sinh(a/\\delta)`, the transform at z = 0: subtracted so that ``loc`` is the median."""
+    return torch.sinh(skew / log_tail.exp())
+
+
 def transform(z: Tensor, loc: Tensor, log_scale: Tensor, skew: Tensor, log_tail: Tensor) -> Tensor:
     """The weight :math:`\\theta` for standard-normal ``z`` (differentiable in every argument)."""
-    return loc + log_scale.exp() * torch.sinh((torch.asinh(z) + skew) / log_tail.exp())
+    shape = torch.sinh((torch.asinh(z) + skew) / log_tail.exp()) - _median_offset(skew, log_tail)
+    return loc + log_scale.exp() * shape
 
 
 def _coordinates(theta, loc, log_scale, skew, log_tail):
-    x = (theta - loc) * torch.exp(-log_scale)
+    x = (theta - loc) * torch.exp(-log_scale) + _median_offset(skew, log_tail)
     w = log_tail.exp() * torch.asinh(x) - skew
     return x, w
 
@@ -104,7 +112,7 @@ def moments(loc: Tensor, log_scale: Tensor, skew: Tensor, log_tail: Tensor) -> t
         second.addcmul_(value, value, value=float(wt))
     var = (second - first * first).clamp_min(0)
     scale = log_scale.exp()
-    return loc + scale * first, scale * var.sqrt()
+    return loc + scale * (first - _median_offset(skew, log_tail)), scale * var.sqrt()
 
 
 def _params(state: dict) -> list[Tensor]:
@@ -116,9 +124,6 @@ class ElementwiseFlow(Family):
 
     name = "elementwise_flow"
     variational = _NAMES
-    mean_updates = ("residual",)
-    _mean_update_note = ("moving the location by the score alone is unstable with a skewness "
-                         "parameter (it diverged on a skewed 1-D target); leave mean_update=None")
 
     def init_state(self, state, p, group):
         loc = p.detach().to(state_dtype(p), copy=True)
