@@ -97,8 +97,7 @@ def gradients_finite(work: list[tuple[dict, Tensor]]) -> bool:
         batches.setdefault((id(group), p.device), (group, []))[1].append(p.grad)
     for (_, device), (group, grads) in batches.items():
         norms = torch._foreach_norm(grads, float("inf"))
-        worst = torch.stack([n.to(torch.float64 if n.dtype == torch.float64 else torch.float32)
-                             for n in norms]).max()
+        worst = torch.stack([n.to(families.state_dtype(n)) for n in norms]).max()
         scaled = worst * (group["dataset_size"] / group["temperature"])
         by_device.setdefault(device, []).append(scaled.isfinite())
     return all(bool(torch.stack(flags).all()) for flags in by_device.values())
