@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import importlib.util
 import time
 from pathlib import Path
@@ -36,13 +35,13 @@ import torch.nn.functional as F
 
 import torch_proxvi.integrations.timm  # noqa: F401  (registers "proxvi" with timm)
 from torch_proxvi import metrics
+from torch_proxvi.datasets import FASHION_MNIST_DIR, read_idx
 
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - tqdm is optional
     tqdm = None
 
-DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 WEIGHTS = "models/efficientnet-lite0-57934424.pth"
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "img" / "timm_reliability.png"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,20 +49,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- data
-def read_idx(path: Path) -> np.ndarray:
-    """Parse a gzipped IDX file (big-endian header: magic, then one uint32 per dimension)."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = data[0] << 8 | data[1], data[2], data[3]
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected {shape}, got {arr.size} values")
-    return arr.reshape(shape)
-
-
 def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float [N, 3, size, size], ImageNet-normalised."""
     x = torch.from_numpy(images.copy()).float().div_(255.0).unsqueeze(1)
@@ -75,8 +60,8 @@ def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
 
 def load_split(split: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset of ``n`` examples of ``split`` ("train" or "t10k")."""
-    images = read_idx(DATA_DIR / f"{split}-images-idx3-ubyte.gz")
-    labels = read_idx(DATA_DIR / f"{split}-labels-idx1-ubyte.gz")
+    images = read_idx(FASHION_MNIST_DIR / f"{split}-images-idx3-ubyte.gz")
+    labels = read_idx(FASHION_MNIST_DIR / f"{split}-labels-idx1-ubyte.gz")
     idx = np.random.default_rng(seed).permutation(len(labels))[:n]
     return preprocess(images[idx], size), torch.from_numpy(labels[idx].astype(np.int64))
 

