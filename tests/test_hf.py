@@ -220,3 +220,69 @@ def test_bayesian_predict_without_labels_and_errors(checkpoint):
         bayesian_predict(torch.optim.SGD(model.parameters(), lr=0.1), model, data)
     with pytest.raises(TypeError, match="dicts"):
         bayesian_predict(opt, model, [d["pixel_values"] for d in data])
+
+
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` (after its checkpoint is written): a job killed mid-run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save, control.should_training_stop = True, True
+        return control
+
+
+class TinyClassifier(torch.nn.Module):
+    """A plain module with the Trainer's calling convention (``loss`` from ``labels``).
+
+    Resumed as it is, unlike the ViT: with transformers 5.x, ``Trainer`` writes a ViT checkpoint
+    under the legacy key names (``vit.encoder.layer.*``) but loads it without renaming
+    (``vit.layers.*``), so resuming a ViT restores no encoder weight whatever the optimizer unless
+    the weights are reloaded by ``from_pretrained`` first (docs/integrations.md).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 32), torch.nn.ReLU(),
+                                       torch.nn.Linear(32, N_CLASSES))
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.net(pixel_values)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+@pytest.mark.parametrize("kind", ["module", "vit"])
+def test_trainer_checkpoint_resume_continues_bit_identically(checkpoint, tmp_path, kind):
+    """Trainer saves model, optimizer, scheduler and RNG state; resuming from the checkpoint in a new
+    Trainer (new model, new optimizer) ends exactly where the uninterrupted run ends. The ViT is
+    resumed with the documented workaround: its weights reloaded by ``from_pretrained``."""
+    steps, stop = 8, 3
+    saved = tmp_path / "killed" / f"checkpoint-{stop}"
+
+    def run(out, *, resume=False, stop_at=None):
+        torch.manual_seed(0)
+        if kind == "module":
+            model = TinyClassifier()
+        else:
+            model = ViTForImageClassification.from_pretrained(saved if resume else checkpoint)
+        opt = make_opt(model)
+        callbacks = [PosteriorMeanCallback()] + ([StopAt(stop_at)] if stop_at else [])
+        trainer = make_trainer(model, opt, out, max_steps=steps, save_strategy="steps", save_steps=stop,
+                               callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=str(saved) if resume else None)
+        return trainer, model, opt
+
+    _, model, opt = run(tmp_path / "whole")
+    _, killed, killed_opt = run(tmp_path / "killed", stop_at=stop)
+    assert all(s["step"] == stop for s in killed_opt.state.values())
+    assert not same(weights(killed), weights(model))
+    resumed_trainer, resumed, resumed_opt = run(tmp_path / "killed", resume=True)
+    assert resumed_trainer.state.global_step == steps
+    assert same(weights(resumed), weights(model))  # the training sample of the last step
+    assert same(means(resumed, resumed_opt), means(model, opt))
+    assert same([resumed_opt.posterior_std(p) for p in resumed.parameters()],
+                [opt.posterior_std(p) for p in model.parameters()])
+    assert resumed_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
