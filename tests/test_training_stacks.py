@@ -1,5 +1,5 @@
-"""The optimizer inside real training stacks: AMP with GradScaler, DDP on gloo, a compiled model,
-and kill-and-resume of model + optimizer + scheduler."""
+"""The optimizer inside real training stacks: AMP with GradScaler, DDP and FSDP2 on gloo, a compiled
+model, and kill-and-resume of model + optimizer + scheduler."""
 
 from __future__ import annotations
 
@@ -131,6 +131,68 @@ def test_ddp_ranks_agree_and_match_single_process_training_on_the_union_batch(tm
     for p, w, m in zip(model.parameters(), r0["weights"], r0["means"]):
         torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(opt.state[p]["mean"], m, rtol=1e-4, atol=1e-5)
+
+
+def _fsdp2_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)                     # different global seeds on purpose
+    model = mlp(seed=0)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)                          # parameters and state are DTensors sharded on dim 0
+    try:
+        ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, family="elementwise_flow")
+        refusal = None
+    except ValueError as e:
+        refusal = str(e)
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, init_std=0.05)
+    x, y = data()
+    half = len(x) // world
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(xs), ys).backward()   # FSDP2 reduce-scatters the mean gradient
+        opt.step()
+    params = list(model.parameters())
+    full = {"weights": [p.detach().full_tensor() for p in params],
+            "means": [opt.state[p]["mean"].full_tensor() for p in params],
+            "stds": [opt.posterior_std(p).full_tensor() for p in params]}
+    torch.save({"seed": opt._seed, "local": [p.detach().to_local().clone() for p in params], "refusal": refusal,
+                **full},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp_path):
+    """Under fully_shard each rank holds and samples only its shard; the shards put together are the
+    sample and the posterior that one process training on the union batch has."""
+    steps = 3
+    mp.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path), steps), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["seed"] == r1["seed"]
+    assert "does not support sharded (DTensor, FSDP2" in r0["refusal"]  # only the Gaussian family, for now
+    first_weight = r0["weights"][0]
+    assert r0["local"][0].shape[0] == first_weight.shape[0] // 2          # really sharded
+    assert torch.equal(torch.cat([r0["local"][0], r1["local"][0]]), first_weight)
+    model = mlp(seed=0)
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, init_std=0.05,
+                             generator=torch.Generator().manual_seed(r0["seed"]))
+    x, y = data()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    # the same noise on every element (a DTensor draws its global tensor and keeps its shard), and
+    # the mean of two half-batch means is the union mean, up to float32 rounding
+    for p, w, m, s in zip(model.parameters(), r0["weights"], r0["means"], r0["stds"]):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(opt.state[p]["mean"], m, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(opt.posterior_std(p), s, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- torch.compile

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._functional import LOG_SCALE_MAX, LOG_SCALE_MIN, foreach_adam
+from ._random import normal_
 from .families import gaussian
 
 __all__ = ["fused_update", "sample_", "CHUNK_NUMEL"]
@@ -125,7 +126,7 @@ def sample_(params: list[Tensor], states: list[dict], generator_of, chunk_numel:
             noise = [p.detach() if p.dtype == dtype else torch.empty_like(st["mean"])
                      for p, st in zip(chunk, chunk_states)]
             for n in noise:
-                n.normal_(generator=gen)
+                normal_(n, gen)
             torch._foreach_mul_(noise, scale)
             torch._foreach_add_(noise, [st["mean"] for st in chunk_states])
             for p, n in zip(chunk, noise):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import families
+from ._random import is_dtensor
 
 __all__ = ["validate_group", "check_sparse", "check_joint", "gradients_finite", "scores_finite"]
 
@@ -67,6 +68,9 @@ def validate_group(group: dict[str, Any]) -> None:
                              "split them into real and imaginary float tensors (torch.view_as_real)")
         if not p.is_floating_point():
             raise ValueError(f"ProxScoreOptimizer needs floating-point parameters, got {p.dtype}")
+        if is_dtensor(p) and group["family"] != "gaussian":
+            raise ValueError(f"family={group['family']!r} does not support sharded (DTensor, FSDP2 "
+                             "fully_shard) parameters yet: use family='gaussian' for sharded groups")
 
 
 def check_sparse(work: list[tuple[dict, Tensor]]) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import _functional as F
+from .._random import normal_
 from .base import Family, register, state_dtype, sum_weights
 
 __all__ = ["Gaussian", "init_state", "first_moments", "sample", "mean", "std", "state_dtype"]
@@ -63,8 +64,10 @@ def first_moments(states: list[dict], name: str, beta1: float) -> list[Tensor] |
 def sample(state: dict, generator: torch.Generator | None, count: int | None = None) -> Tensor:
     r"""One draw :math:`m + \sigma \odot \epsilon`, :math:`\epsilon \sim N(0, I)` (or ``count``)."""
     m = state["mean"]
-    shape = m.shape if count is None else (count, *m.shape)
-    noise = torch.randn(shape, generator=generator, device=m.device, dtype=m.dtype)
+    if count is None:
+        noise = normal_(torch.empty_like(m), generator)
+    else:
+        noise = torch.randn((count, *m.shape), generator=generator, device=m.device, dtype=m.dtype)
     return noise.mul_(state["log_scale"].exp()).add_(m)
 
 
