@@ -111,6 +111,19 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
     dist.destroy_process_group()
 
 
+def _single_process(seed: int, steps: int, **options):
+    """The reference for the distributed tests: one process, the union batch, the ranks' seed."""
+    model = mlp(seed=0)
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64,
+                             generator=torch.Generator().manual_seed(seed), **options)
+    x, y = data()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 def test_ddp_ranks_agree_and_match_single_process_training_on_the_union_batch(tmp_path):
     steps = 3
@@ -119,14 +132,7 @@ def test_ddp_ranks_agree_and_match_single_process_training_on_the_union_batch(tm
     assert r0["seed"] == r1["seed"]          # rank 0's seed was broadcast
     for a, b in zip(r0["weights"] + r0["means"], r1["weights"] + r1["means"]):
         assert torch.equal(a, b)             # every rank: the same sample, the same state
-    model = mlp(seed=0)
-    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64,
-                             generator=torch.Generator().manual_seed(r0["seed"]))
-    x, y = data()
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, opt = _single_process(r0["seed"], steps)
     # the mean of two half-batch means is the union mean, up to float32 rounding
     for p, w, m in zip(model.parameters(), r0["weights"], r0["means"]):
         torch.testing.assert_close(p.detach(), w, rtol=1e-4, atol=1e-5)
@@ -179,14 +185,7 @@ def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp
     first_weight = r0["weights"][0]
     assert r0["local"][0].shape[0] == first_weight.shape[0] // 2          # really sharded
     assert torch.equal(torch.cat([r0["local"][0], r1["local"][0]]), first_weight)
-    model = mlp(seed=0)
-    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, init_std=0.05,
-                             generator=torch.Generator().manual_seed(r0["seed"]))
-    x, y = data()
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, opt = _single_process(r0["seed"], steps, init_std=0.05)
     # the same noise on every element (a DTensor draws its global tensor and keeps its shard), and
     # the mean of two half-batch means is the union mean, up to float32 rounding
     for p, w, m, s in zip(model.parameters(), r0["weights"], r0["means"], r0["stds"]):
