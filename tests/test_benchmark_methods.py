@@ -89,3 +89,22 @@ def test_classification_smoke_run():
         assert o.extra[0].shape == (1000, 10)
     # 8 Adam steps on 512 images already beat chance (10 %) by far: the pipeline trains and scores.
     assert all(m["acc"] > 0.2 for m in outcomes["Adam"].test)
+
+
+def test_gpu_check_training_table_runs_its_code_path_on_the_cpu():
+    # benchmarks/gpu_check.py runs only where a GPU is lent; its training part (HF and timm ViTs,
+    # the timm "proxvi" factory, autocast) is checked here at toy size so that it cannot rot.
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    import argparse
+    import time
+
+    import gpu_check
+
+    args = argparse.Namespace(smoke=True, steps=12, batch=2, variants=["AdamW (fused)", "ProxScore"])
+    lines = gpu_check.training_table(args, torch.device("cpu"), deadline=time.monotonic() + 600)
+    rows = [line for line in lines if line.startswith("| HF") or line.startswith("| timm")]
+    assert len(rows) == 4 and not any("failed" in r or "not run" in r for r in rows), lines
+    for row in rows:
+        ms, ratio = (float(c) for c in row.split("|")[3:5])
+        assert ms > 0 and math.isfinite(ratio)

@@ -26,6 +26,7 @@ from .families import gaussian
 __all__ = ["hash_normal", "compiled_step", "check_available"]
 
 _GOLDEN = -7046029254386353131   # 0x9E3779B97F4A7C15 as int64
+_GOLDEN_INVERSE = -1018231460777725123   # its inverse modulo 2**64: _GOLDEN * _GOLDEN_INVERSE = 1
 _MIX1 = -4658895280553007687     # 0xBF58476D1CE4E5B9
 _MIX2 = -7723592293110705685     # 0x94D049BB133111EB
 
@@ -37,7 +38,10 @@ def _shift(z: Tensor, k: int) -> Tensor:
 
 def hash_normal(seed: Tensor, numel: int, dtype: torch.dtype, device) -> Tensor:
     """``numel`` standard normals from splitmix64(seed + i * golden), i = 0..numel-1."""
-    z = torch.arange(numel, dtype=torch.int64, device=device) * _GOLDEN + seed
+    # computed as (i + seed * golden^-1) * golden, the same number modulo 2**64: Inductor turns
+    # i * golden into 32-bit index arithmetic on CUDA, where the constant does not fit; adding a
+    # loaded value first keeps the product in int64
+    z = (torch.arange(numel, dtype=torch.int64, device=device) + seed * _GOLDEN_INVERSE) * _GOLDEN
     z = (z ^ _shift(z, 30)) * _MIX1
     z = (z ^ _shift(z, 27)) * _MIX2
     z = z ^ _shift(z, 31)

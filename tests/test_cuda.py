@@ -1,0 +1,181 @@
+"""The optimizer on a CUDA device: the same update as on the CPU, the compiled (Triton) kernel
+against its eager self and against the CPU's, mixed precision with GradScaler, exact resume.
+
+Skipped where no CUDA device is present (CI has none); ``benchmarks/gpu_check.py`` runs this
+file first on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_proxvi import ProxScoreOptimizer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+F64 = torch.float64
+CUDA = torch.device("cuda")
+
+
+def twin_params(shapes=((16, 8), (8,), (3, 5, 7)), dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(s, generator=g, dtype=F64).to(dtype) for s in shapes]
+    cpu = [torch.nn.Parameter(v.clone()) for v in values]
+    gpu = [torch.nn.Parameter(v.clone().to(CUDA)) for v in values]
+    return cpu, gpu
+
+
+def set_grads(cpu, gpu, seed):
+    g = torch.Generator().manual_seed(seed)
+    for a, b in zip(cpu, gpu):
+        grad = torch.randn(a.shape, generator=g, dtype=F64).to(a.dtype) * 0.3 + 0.1 * a.detach()
+        a.grad = grad
+        b.grad = grad.to(CUDA)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("kw", [dict(), dict(mean_update="residual", betas=(0.0, 0.99), prior_mean="init",
+                                              warmup_steps=1)])
+def test_the_cuda_update_equals_the_cpu_update_in_float64(foreach, kw):
+    # The two devices draw different noise, so before each step the CPU copy is given the CUDA
+    # sample; from there the update (score, both Adam steps) must agree to float64 rounding.
+    cpu, gpu = twin_params()
+    opts = [ProxScoreOptimizer(ps, lr=0.05, dataset_size=40, init_std=0.2, foreach=foreach, **kw)
+            for ps in (cpu, gpu)]
+    for step in range(4):
+        with torch.no_grad():
+            for a, b in zip(cpu, gpu):
+                a.copy_(b.cpu())
+        set_grads(cpu, gpu, seed=step)
+        for opt in opts:
+            opt.step()
+        for a, b in zip(cpu, gpu):
+            for k, v in opts[0].state[a].items():
+                assert opts[1].state[b][k].device.type == "cuda" or v.dim() == 0
+                torch.testing.assert_close(opts[1].state[b][k].cpu(), v, rtol=1e-12, atol=1e-12)
+    for b in gpu:                           # and a fresh sample was written on the device
+        assert not torch.equal(b.detach(), opts[1].state[b]["mean"])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mean_update="residual", betas=(0.0, 0.99), prior_mean="init")])
+def test_compiled_triton_kernel_matches_eager_and_the_cpu_kernel(kw, monkeypatch):
+    # compiled=True draws its noise from a counter-based hash of (seed, index), the same stream on
+    # every device: Triton on CUDA, the uncompiled kernel on CUDA and on the CPU must all give the
+    # same weights and state (one CPU generator supplies every run's per-step seeds).
+    from torch_proxvi import _compiled
+
+    def run(params, eager):
+        opt = ProxScoreOptimizer(params, lr=0.05, dataset_size=40, init_std=0.2, compiled=True, **kw)
+        seeds = torch.Generator().manual_seed(5)
+        opt._generator = lambda device: seeds
+        g = torch.Generator().manual_seed(1)
+        with monkeypatch.context() as m:
+            if eager:
+                m.setattr(_compiled, "_kernel", lambda: _compiled.step_kernel)
+            for _ in range(3):
+                for p in params:
+                    p.grad = (torch.randn(p.shape, generator=g, dtype=F64) * 0.3).to(p.device)
+                opt.step()
+        return opt
+
+    cpu, gpu = twin_params()
+    _, gpu_eager = twin_params()
+    ref, eager, compiled = run(cpu, eager=True), run(gpu_eager, eager=True), run(gpu, eager=False)
+    for a, b, c in zip(cpu, gpu_eager, gpu):
+        torch.testing.assert_close(c.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c.detach().cpu(), a.detach(), rtol=1e-10, atol=1e-10)
+        assert not torch.equal(c.detach(), compiled.state[c]["mean"])     # a sample, not the mean
+        for k in ("mean", "log_scale", "mean_exp_avg_sq", "log_scale_exp_avg_sq"):
+            torch.testing.assert_close(compiled.state[c][k], eager.state[b][k], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(compiled.state[c][k].cpu(), ref.state[a][k], rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_weights_on_cuda_keep_float32_state_that_moves():
+    _, gpu = twin_params(dtype=torch.bfloat16)
+    opt = ProxScoreOptimizer(gpu, lr=0.01, dataset_size=40)
+    for step in range(3):
+        for p in gpu:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if step == 0:
+            first = {p: opt.state[p]["mean"].clone() for p in gpu}
+    for p in gpu:
+        assert p.dtype == torch.bfloat16 and opt.state[p]["mean"].dtype == torch.float32
+        assert (opt.state[p]["mean"] - first[p]).abs().max() > 1e-4
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)).to(CUDA)
+
+
+def test_fp16_grad_scaler_on_cuda_skips_an_overflow_and_trains():
+    x = torch.randn(64, 10, device=CUDA)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    model = mlp()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    losses = []
+    for step in range(60):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = F.cross_entropy(model(x), y)
+        if step == 5:
+            means = {p: opt.state[p]["mean"].clone() for p in model.parameters()}
+            scale = scaler.get_scale()
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        if step == 5:
+            assert scaler.get_scale() < scale
+            assert all(torch.equal(means[p], opt.state[p]["mean"]) for p in model.parameters())
+        else:
+            losses.append(float(loss.detach()))
+    assert sum(losses[-10:]) < 0.7 * sum(losses[:10])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_cuda_checkpoint_resumes_bit_identically(compiled):
+    x = torch.randn(32, 10, device=CUDA)
+    y = torch.randint(0, 3, (32,), device=CUDA)
+
+    def train(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    model = mlp()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=32, compiled=compiled)
+    train(model, opt, 2)
+    buf = io.BytesIO()
+    torch.save({"m": model.state_dict(), "o": opt.state_dict()}, buf)
+    train(model, opt, 3)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    model2 = mlp()
+    opt2 = ProxScoreOptimizer(model2.parameters(), lr=1e-2, dataset_size=32, compiled=compiled)
+    model2.load_state_dict(saved["m"])
+    opt2.load_state_dict(saved["o"])
+    train(model2, opt2, 3)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["log_scale"], opt2.state[b]["log_scale"])
+
+
+def test_predictive_on_cuda_is_repeatable_and_leaves_the_sample():
+    model = mlp()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=32, init_std=0.1)
+    x = torch.randn(8, 10, device=CUDA)
+    F.cross_entropy(model(x), torch.zeros(8, dtype=torch.long, device=CUDA)).backward()
+    opt.step()
+    weights = [p.detach().clone() for p in model.parameters()]
+    draws = [opt.predictive(model, x, n_samples=4, generator=torch.Generator(device=CUDA).manual_seed(3))
+             for _ in range(2)]
+    assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
