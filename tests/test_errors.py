@@ -33,6 +33,12 @@ def full_state(opt):
     return copy.deepcopy(opt.state_dict())
 
 
+def posterior_state(saved):
+    """The per-parameter state of a saved state_dict, without the optimizer-wide entries (RNG,
+    counters) that ProxScoreOptimizer also keeps in its first parameter's state."""
+    return {pid: {k: v for k, v in st.items() if k != "proxvi"} for pid, st in saved["state"].items()}
+
+
 # ---------------------------------------------------------------------------- dataset_size
 def test_missing_dataset_size_is_a_type_error_naming_it(make_model):
     with pytest.raises(TypeError, match="dataset_size"):
@@ -182,7 +188,7 @@ def test_non_finite_gradient_skips_the_step(make_opt, make_model, data, train, b
         assert opt.skipped_steps == count
         assert_all_equal(weights(model), before_w, "weights changed on a skipped step")
         after = full_state(opt)
-        assert_nested_equal(before["state"], after["state"], "state changed on a skipped step")
+        assert_nested_equal(posterior_state(before), posterior_state(after), "state changed on a skipped step")
         assert_nested_equal(before["param_groups"], after["param_groups"])
     # the optimizer is not stuck: a finite step trains again
     before_w = weights(model)
@@ -219,7 +225,7 @@ def test_non_finite_gradient_in_a_closure_sample_restores_the_weights(make_opt, 
     assert opt.skipped_steps == 1
     assert_all_equal(weights(model), before_w, "weights not restored after a skipped step")
     after = full_state(opt)
-    assert_nested_equal(before["state"], after["state"], "state changed on a skipped step")
+    assert_nested_equal(posterior_state(before), posterior_state(after), "state changed on a skipped step")
 
 
 # ---------------------------------------------------------------------------- load_state_dict

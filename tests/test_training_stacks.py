@@ -194,6 +194,65 @@ def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp
         torch.testing.assert_close(opt.posterior_std(p), s, rtol=1e-4, atol=1e-6)
 
 
+def _fsdp2_checkpoint_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x, y = data()
+    half = len(x) // world
+    xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+
+    def build(global_seed):
+        torch.manual_seed(global_seed)            # differs per rank and per run, on purpose
+        model = mlp(seed=0)
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        return model, ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, init_std=0.05)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            opt.step()
+
+    model, opt = build(rank)
+    train(model, opt, 2)
+    model_sd, optim_sd = get_state_dict(model, opt)       # sharded: each rank writes its shards
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=f"{out}/ckpt")
+    train(model, opt, 3)                                  # the uninterrupted run
+    # the killed job, restarted: a new model and optimizer, other seeds, state loaded from disk
+    model2, opt2 = build(100 + rank)
+    model_sd, optim_sd = get_state_dict(model2, opt2)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=f"{out}/ckpt")
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    train(model2, opt2, 3)
+    pairs = list(zip(model.parameters(), model2.parameters()))
+    torch.save({"weights": [torch.equal(a.detach().to_local(), b.detach().to_local()) for a, b in pairs],
+                "state": [torch.equal(opt.state[a][k].to_local(), opt2.state[b][k].to_local())
+                          for a, b in pairs for k in ("mean", "log_scale", "mean_exp_avg_sq")],
+                "sharded": all(p.to_local().numel() < p.numel() for p in model.parameters() if p.dim() > 1)},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_fsdp2_sharded_checkpoint_resumes_bit_identically(tmp_path):
+    """torch.distributed.checkpoint's get_state_dict / dcp.save / set_state_dict, the FSDP2 way to
+    checkpoint: a restarted job continues exactly as the uninterrupted one (the RNG state rides
+    inside the optimizer state, which these helpers keep)."""
+    mp.spawn(_fsdp2_checkpoint_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        result = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert result["sharded"]
+        assert all(result["weights"]) and all(result["state"]), result
+
+
 # ---------------------------------------------------------------------------- torch.compile
 def test_compiled_model_trains_without_recompiles_and_matches_eager(monkeypatch):
     # fullgraph: the model has no graph break; error_on_recompile: writing samples and swapping

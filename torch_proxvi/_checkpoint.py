@@ -13,21 +13,41 @@ from torch import Tensor
 __all__ = ["Checkpointing"]
 
 
+EXTRAS = "proxvi"
+
+
 class Checkpointing:
-    """Adds the optimizer's own entries (seed, RNG states, skip count) to torch's state_dict."""
+    """Adds the optimizer's own entries (seed, RNG states, skip count) to torch's state_dict.
+
+    They are stored twice: under the top-level key ``"proxvi"``, and inside the state of the
+    first parameter that has state. ``torch.distributed.checkpoint``'s
+    ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (the FSDP2 way to checkpoint)
+    keep only ``"state"`` and ``"param_groups"``; the second copy survives them.
+    """
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["proxvi"] = {
+        extras = {
             "seed": self._seed,
             "skipped_steps": self.skipped_steps,
             "rng": {dev: g.get_state() for dev, g in self._generators.items()},
         }
+        sd[EXTRAS] = extras
+        if sd["state"]:
+            first = next(iter(sd["state"]))
+            sd["state"][first] = {**sd["state"][first], EXTRAS: extras}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("proxvi", None)
+        extra = state_dict.pop(EXTRAS, None)
+        state_dict["state"] = dict(state_dict.get("state", {}))
+        for pid, saved in state_dict["state"].items():
+            if EXTRAS in saved:
+                saved = dict(saved)
+                nested = saved.pop(EXTRAS)
+                extra = nested if extra is None else extra
+                state_dict["state"][pid] = saved
         if extra is None:
             raise ValueError("this state_dict was not saved by ProxScoreOptimizer (no 'proxvi' "
                              "entry): load a state_dict from ProxScoreOptimizer.state_dict()")
