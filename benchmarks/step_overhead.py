@@ -56,6 +56,8 @@ def optimizers(device) -> dict:
                                                                     betas=(0.0, 0.999)),
         "ProxScore elementwise_flow": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
                                                                     family="elementwise_flow"),
+        "ProxScore elementwise_flow compiled": lambda ps: ProxScoreOptimizer(
+            ps, lr=1e-3, dataset_size=50_000, family="elementwise_flow", compiled=True),
         "ProxScore compiled": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000, compiled=True),
         "ProxScore compiled, betas=(0, 0.999)": lambda ps: ProxScoreOptimizer(
             ps, lr=1e-3, dataset_size=50_000, compiled=True, betas=(0.0, 0.999)),

@@ -205,6 +205,78 @@ def test_kl_is_zero_to_itself_and_positive_to_another(name):
         assert abs(kl - 0.125 * (math.exp(-0.4) + math.exp(0.8))) < 1e-12
 
 
+# ---------------------------------------------------------------------------- closed-form flow step
+def test_sinh_arcsinh_score_derivatives_equal_autograd():
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    theta = torch.randn(n, generator=g, dtype=F64) * 2
+    phi = [torch.randn(n, generator=g, dtype=F64) * s for s in (0.3, 0.5, 1.0, 0.5)]
+    score, derivatives = sinh_arcsinh.score_and_derivatives(theta, *phi)
+    leaves = [v.clone().requires_grad_() for v in phi]
+    reference = sinh_arcsinh.score(theta, *leaves)
+    torch.testing.assert_close(score, reference.detach(), rtol=1e-12, atol=1e-12)
+    for leaf, derivative in zip(leaves, derivatives):
+        # each weight's score depends only on its own parameters: the gradient of the sum is the
+        # element-wise derivative
+        (expected,) = torch.autograd.grad(reference.sum(), leaf, retain_graph=True)
+        torch.testing.assert_close(derivative, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mean_update", ["score", "residual"])
+@pytest.mark.parametrize("betas,warmup_steps", [((0.9, 0.999), 0), ((0.0, 0.99), 2)])
+def test_elementwise_flow_closed_form_step_equals_the_autograd_step(mean_update, betas, warmup_steps, monkeypatch):
+    """The common step (K = 1, one inner step) of the element-wise flow takes closed-form gradients;
+    in float64 it gives the generic autograd step's numbers, through warm-up, clamping and both
+    mean rules."""
+    taken = []
+    real = sinh_arcsinh.closed_form_kernel
+    monkeypatch.setattr(sinh_arcsinh, "closed_form_kernel", lambda *a, **k: taken.append(1) or real(*a, **k))
+    family = get("elementwise_flow")
+    runs = []
+    for closed_form in (True, False):
+        monkeypatch.setattr(family, "closed_form", closed_form)
+        model = build_model(seed=0).double()
+        x, y = build_data(seed=1)
+        opt = ProxScoreOptimizer(model.parameters(), lr=0.05, dataset_size=64, family="elementwise_flow",
+                                 mean_update=mean_update, betas=betas, warmup_steps=warmup_steps, init_std=0.1,
+                                 generator=torch.Generator().manual_seed(2))
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(model(x.double()), y).backward()
+            opt.step()
+        runs.append((model, opt))
+    assert taken, "the closed-form step was not taken"
+    (model_a, opt_a), (model_b, opt_b) = runs
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        for key in opt_a.state[a]:
+            torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key], rtol=1e-10, atol=1e-10)
+    moved = [float((opt_a.state[a]["skew"]).abs().max()) for a in model_a.parameters()]
+    assert max(moved) > 1e-3      # the shape parameters really moved (not a trivial equality)
+
+
+def test_elementwise_flow_compiled_step_matches_the_eager_closed_form():
+    """compiled=True runs the element-wise flow's closed-form step as one compiled kernel per
+    weight tensor (Inductor); same samples (torch's generator), so same numbers to rounding."""
+    runs = []
+    for compiled in (False, True):
+        model = build_model(seed=0).double()
+        x, y = build_data(seed=1)
+        opt = ProxScoreOptimizer(model.parameters(), lr=0.05, dataset_size=64, family="elementwise_flow",
+                                 init_std=0.1, compiled=compiled, generator=torch.Generator().manual_seed(2))
+        for _ in range(4):
+            opt.zero_grad()
+            F.cross_entropy(model(x.double()), y).backward()
+            opt.step()
+        runs.append((model, opt))
+    (model_a, opt_a), (model_b, opt_b) = runs
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        for key in ("loc", "log_scale", "skew", "log_tail", "skew_exp_avg_sq"):
+            torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key], rtol=1e-10, atol=1e-10)
+    assert sinh_arcsinh.closed_form_kernel in sinh_arcsinh._compiled      # the compiled kernel was built and used
+
+
 # ---------------------------------------------------------------------------- fixed points
 @pytest.mark.parametrize("name", ["elementwise_flow", "flow"])
 def test_the_target_itself_is_a_fixed_point(name):

@@ -214,6 +214,12 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             self._generators[key] = g
         return self._generators[key]
 
+    @property
+    def _compile_option(self) -> dict[str, bool]:
+        """``compiled=True`` for the families' ``sample`` / ``update`` (only when set, so that a
+        family written without the keyword keeps working)."""
+        return {"compiled": True} if self.compiled else {}
+
     def _draw(self, pairs, generator_of: Callable[[torch.device], torch.Generator | None]
               ) -> dict[Tensor, Tensor]:
         """One posterior sample for each ``(group, p)`` of ``pairs`` (which have state).
@@ -224,7 +230,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         for group, p in pairs:
             family = self._family(group)
             if not family.joint:
-                out[p] = family.sample(group, [p], [self.state[p]], generator_of(p.device))[0]
+                out[p] = family.sample(group, [p], [self.state[p]], generator_of(p.device), **self._compile_option)[0]
             elif p not in out:
                 params = [q for q in group["params"] if self._has_posterior(q)]
                 values = family.sample(group, params, [self.state[q] for q in params],
@@ -399,4 +405,5 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         """Move one batch of same-device, same-dtype, same-step states (the family's update)."""
         family = self._family(group)
         device = states[0][family.variational[0]].device
-        family.update(group, states, stats, foreach=self.foreach, generator=self._generator(device))
+        family.update(group, states, stats, foreach=self.foreach, generator=self._generator(device),
+                      **self._compile_option)

@@ -81,7 +81,9 @@ def adam_variables(state: dict, names: dict[str, tuple[float, tuple[float, float
             state[f"{name}_exp_avg_sq"] = torch.zeros_like(tensor)
         exp_avg = None
         if beta1 > 0:
-            exp_avg = state.setdefault(f"{name}_exp_avg", torch.zeros_like(tensor))
+            if f"{name}_exp_avg" not in state:
+                state[f"{name}_exp_avg"] = torch.zeros_like(tensor)
+            exp_avg = state[f"{name}_exp_avg"]
         out.append(Variable(tensor, exp_avg, state[f"{name}_exp_avg_sq"], lr,
                             location=name == location, frozen=frozen and name != location,
                             bounds=bounds))

@@ -81,9 +81,11 @@ class Family:
 
     # ---------------------------------------------------------------- the density
     def sample(self, group: dict, params: list[Tensor], states: list[dict],
-               generator: torch.Generator | None, count: int | None = None) -> list[Tensor]:
+               generator: torch.Generator | None, count: int | None = None, *,
+               compiled: bool = False) -> list[Tensor]:
         """One draw :math:`\\theta \\sim q` per parameter (state dtype, the parameters' shapes),
-        or ``count`` draws stacked along a new first dimension."""
+        or ``count`` draws stacked along a new first dimension (``compiled``: the optimizer's
+        ``compiled=True``, for a family with a compiled sampler; same draws)."""
         raise NotImplementedError
 
     def log_prob(self, group: dict, states: list[dict], thetas: list[Tensor]) -> Tensor:
@@ -118,8 +120,9 @@ class Family:
         raise NotImplementedError
 
     def update(self, group: dict, states: list[dict], accs: list[Any], *, foreach: bool,
-               generator: torch.Generator | None) -> None:
-        """One proximal score-matching step of ``states`` (all at the same step count)."""
+               generator: torch.Generator | None, compiled: bool = False) -> None:
+        """One proximal score-matching step of ``states`` (all at the same step count);
+        ``compiled``: the optimizer's ``compiled=True``, for a family that has a compiled step."""
         raise NotImplementedError
 
 

@@ -226,7 +226,7 @@ class DenseFlow(Family):
         shape = (dim,) if count is None else (count, dim)
         return torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
 
-    def sample(self, group, params, states, generator, count=None):
+    def sample(self, group, params, states, generator, count=None, *, compiled=False):
         flat = self._draw(self._parts(group, states), self._noise(states, generator, count))
         return self._split(flat, [st["loc"] for st in states])
 
@@ -271,7 +271,7 @@ class DenseFlow(Family):
     def collect(self, group, state, theta, score, acc, weight):
         return _proximal.ScoreSamples.collect(acc, theta, score)
 
-    def update(self, group, states, accs, *, foreach, generator):
+    def update(self, group, states, accs, *, foreach, generator, compiled=False):
         outer_steps = float(states[0]["step"]) // group["inner_steps"]
         frozen = outer_steps < group["warmup_steps"]
         beta1 = group["betas"][0]

@@ -93,7 +93,7 @@ class Gaussian(Family):
     def init_state(self, state, p, group):
         init_state(state, p, init_std=group["init_std"], first_moments=group["betas"][0] > 0)
 
-    def sample(self, group, params, states, generator, count=None):
+    def sample(self, group, params, states, generator, count=None, *, compiled=False):
         return [sample(st, generator, count) for st in states]
 
     def log_prob(self, group, states, thetas):
@@ -129,7 +129,7 @@ class Gaussian(Family):
         F.accumulate_stats(acc, u, score, weight)
         return acc
 
-    def update(self, group, states, accs, *, foreach, generator):
+    def update(self, group, states, accs, *, foreach, generator, compiled=False):
         outer_steps = float(states[0]["step"]) // group["inner_steps"]
         F.gaussian_update(
             [s["mean"] for s in states], [s["log_scale"] for s in states], accs,
