@@ -179,3 +179,25 @@ def test_predictive_on_cuda_is_repeatable_and_leaves_the_sample():
              for _ in range(2)]
     assert draws[0].device.type == "cuda" and torch.equal(draws[0], draws[1])
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+
+
+def test_fused_step_temporaries_on_cuda_are_bounded_by_the_chunk_not_the_model():
+    # 64M weights in 16 tensors: the step's peak allocation is a few chunk-sized temporaries
+    # (ACCELERATOR_CHUNK_NUMEL numbers each), far below the model's size
+    from torch_proxvi import _fused
+
+    params = [torch.nn.Parameter(torch.randn(4_000_000, device=CUDA)) for _ in range(16)]
+    opt = ProxScoreOptimizer(params, lr=1e-3, dataset_size=100)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    opt.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    chunk_bytes, model_bytes = _fused.ACCELERATOR_CHUNK_NUMEL * 4, 64_000_000 * 4
+    # the general path holds four statistics per weight (4x the model); the fused path at most
+    # six chunk-sized temporaries, half of that here and the same for any larger model
+    assert peak <= 6 * chunk_bytes <= 2 * model_bytes, (peak, chunk_bytes)

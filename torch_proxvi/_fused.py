@@ -3,9 +3,9 @@ r"""The common step, fused: one sample (K = 1), one inner step, the gradients in
 This is what an ordinary training loop runs every iteration, so it is written for speed: the
 score and the two Adam updates are computed chunk by chunk with ``torch._foreach_*`` ops, never
 building the Monte Carlo statistics of the general path, and :func:`sample_` draws the next
-sample in place into the weights. Temporaries are bounded by the chunk (``CHUNK_NUMEL`` numbers,
-or one tensor if larger), not by the model; ``exp`` runs once for the gradient and once for the
-sample.
+sample in place into the weights. Temporaries are bounded by the chunk (``CHUNK_NUMEL`` numbers
+on the CPU, ``ACCELERATOR_CHUNK_NUMEL`` on a GPU, or one tensor if larger), not by the model;
+``exp`` runs once for the gradient and once for the sample.
 
 At ``q = q_t`` (the only inner step), with ``u = theta - mean`` and the score ``s``, the gradients
 of :mod:`torch_proxvi._functional` reduce to
@@ -28,6 +28,15 @@ from .families import gaussian
 __all__ = ["fused_update", "sample_", "CHUNK_NUMEL"]
 
 CHUNK_NUMEL = 1 << 21   # ~8 MB of float32 per temporary
+#: on an accelerator each chunk costs some 30 kernel launches whatever its size, and a step at
+#: 2M-number chunks was bound by them (H100, docs/benchmarks.md): there, chunks of 16M numbers
+ACCELERATOR_CHUNK_NUMEL = 1 << 24
+
+
+def _chunk_numel(chunk_numel: int | None, device: torch.device) -> int:
+    if chunk_numel is not None:
+        return chunk_numel
+    return CHUNK_NUMEL if device.type == "cpu" else max(CHUNK_NUMEL, ACCELERATOR_CHUNK_NUMEL)
 
 
 def _chunks(sizes: list[int], limit: int) -> list[slice]:
@@ -66,7 +75,7 @@ def fused_update(
     for st in states:
         st["step"] += 1
     step = float(states[0]["step"])
-    for part in _chunks([p.numel() for p in params], chunk_numel or CHUNK_NUMEL):
+    for part in _chunks([p.numel() for p in params], _chunk_numel(chunk_numel, states[0]["mean"].device)):
         ps, sts = params[part], states[part]
         means = [st["mean"] for st in sts]
         log_scales = [st["log_scale"] for st in sts]
@@ -120,7 +129,7 @@ def sample_(params: list[Tensor], states: list[dict], generator_of, chunk_numel:
     for run in runs:
         ps, sts = [params[i] for i in run], [states[i] for i in run]
         dtype, gen = sts[0]["mean"].dtype, generator_of(ps[0].device)
-        for part in _chunks([p.numel() for p in ps], chunk_numel or CHUNK_NUMEL):
+        for part in _chunks([p.numel() for p in ps], _chunk_numel(chunk_numel, ps[0].device)):
             chunk, chunk_states = ps[part], sts[part]
             scale = torch._foreach_exp([st["log_scale"] for st in chunk_states])
             noise = [p.detach() if p.dtype == dtype else torch.empty_like(st["mean"])
