@@ -3,6 +3,7 @@
     python benchmarks/families.py              # tables for docs/benchmarks.md, docs/img/families*.png
     python benchmarks/families.py --quick      # one seed, the toy targets only
     python benchmarks/families.py --last-layer-only
+    python benchmarks/families.py --last-layer-only --last-layer-steps 12000 --last-layer-runs flow:0.003
 
 Families: the mean-field ``gaussian``, the ``elementwise_flow`` (sinh-arcsinh per weight) and the
 dense ``flow`` (affine + spline couplings over the group), all through ProxScoreOptimizer's
@@ -62,7 +63,7 @@ def _last_layer(task):
     problem = _PROBLEM["last_layer"]
     opt, head = T.fit_last_layer(problem, _optimizer(family, lr, dataset_size=len(problem.labels),
                                                      prior_precision=1 / problem.prior_std**2,
-                                                     init_std=0.5), steps=STEPS, seed=seed)
+                                                     init_std=0.5), steps=_PROBLEM["steps"], seed=seed)
     draws = T.head_draws(opt, head, 1500, torch.Generator().manual_seed(7))[0]
     return task, T.last_layer_divergences(opt, head, problem), draws
 
@@ -118,12 +119,12 @@ def _table(results, names, metrics) -> str:
 def _table_all(results, metrics) -> str:
     """One row per (family, lr): median [min, max] over the seeds."""
     lines = ["| family | lr | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for family in FAMILIES:
-        for lr in LRS[family]:
-            rows = [r for key, r in results.items() if key[1:3] == (family, lr)]
-            cells = [f"{statistics.median(r[m] for r in rows):.4g} [{min(r[m] for r in rows):.3g}, "
-                     f"{max(r[m] for r in rows):.3g}]" for m in metrics]
-            lines.append(f"| {family} | {lr} | " + " | ".join(cells) + " |")
+    runs = sorted({key[1:3] for key in results}, key=lambda run: (FAMILIES.index(run[0]), run[1]))
+    for family, lr in runs:
+        rows = [r for key, r in results.items() if key[1:3] == (family, lr)]
+        cells = [f"{statistics.median(r[m] for r in rows):.4g} [{min(r[m] for r in rows):.3g}, "
+                 f"{max(r[m] for r in rows):.3g}]" for m in metrics]
+        lines.append(f"| {family} | {lr} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -161,6 +162,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--plot", default="docs/img/families.png")
     ap.add_argument("--last-layer-only", action="store_true", help="skip the toy targets")
+    ap.add_argument("--last-layer-steps", type=int, default=STEPS, help="the BNN runs' step budget")
+    ap.add_argument("--last-layer-runs", nargs="*", default=None, metavar="FAMILY:LR",
+                    help="only these BNN runs, e.g. flow:0.003 (default: every family at every lr)")
     args = ap.parse_args()
     seeds = range(1 if args.quick else args.seeds)
     start = time.time()
@@ -186,17 +190,22 @@ def _toys(args, seeds, start) -> None:
 
 
 def _bnn(args, seeds, start) -> None:
-    _PROBLEM["last_layer"] = T.last_layer()
-    tasks = [("last layer", f, lr, s) for f in FAMILIES for lr in LRS[f] for s in seeds]
+    _PROBLEM["last_layer"], _PROBLEM["steps"] = T.last_layer(), args.last_layer_steps
+    runs = [(f, lr) for f in FAMILIES for lr in LRS[f]]
+    if args.last_layer_runs is not None:
+        runs = [(f, float(lr)) for f, lr in (r.split(":") for r in args.last_layer_runs)]
+    tasks = [("last layer", f, lr, s) for f, lr in runs for s in seeds]
     with multiprocessing.get_context("fork").Pool(args.workers) as pool:
         bnn, draws = {}, {}
         for task, result, sample in pool.imap_unordered(_last_layer, tasks):
             bnn[task] = result
             draws[task] = sample
-    print(f"\n## BNN last layer against HMC ({time.time() - start:.0f} s in all), every lr\n")
+    print(f"\n## BNN last layer against HMC ({time.time() - start:.0f} s in all, "
+          f"{args.last_layer_steps} steps)\n")
     print(_table_all(bnn, ["kl", "fisher", "mmd", "predictive_kl"]))
-    shown = {(f, lr): draws[("last layer", f, lr, 0)] for f, lr in PLOTTED_LAST_LAYER}
-    _plot_last_layer(_PROBLEM["last_layer"], shown, Path(args.plot).with_name("families_last_layer.png"))
+    if args.last_layer_runs is None:
+        shown = {(f, lr): draws[("last layer", f, lr, 0)] for f, lr in PLOTTED_LAST_LAYER}
+        _plot_last_layer(_PROBLEM["last_layer"], shown, Path(args.plot).with_name("families_last_layer.png"))
 
 
 if __name__ == "__main__":
