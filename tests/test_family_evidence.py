@@ -18,7 +18,12 @@ over 20 000 draws of q. Margins:
   0.0026-0.0067 over 3 seeds) and a lower Fisher divergence (on this seed 2.9 against 3.2, the
   closest of the three; the others 1.4-1.6 against 3.4-7.5). Its KL(q || p) is level with the
   Gaussian's and its MMD to the HMC draws higher (docs/benchmarks.md): that part of the issue's
-  claim is not met on this problem.
+  claim is not met on this problem at 3000 steps.
+* at 12 000 steps the element-wise flow (lr 0.03, as the Gaussian) has a lower KL, Fisher
+  divergence and MMD than the Gaussian on every seed of the benchmark (KL 1.48-1.54 against
+  1.58-1.62, Fisher 3.9-6.3 against 4.6-6.6 with the closest pair 6.33 against 6.62 on seed 1,
+  MMD 0.075-0.093 against 0.107-0.121); the test runs seed 0 and asks for the KL gap of 0.05
+  (5 standard errors) and lower Fisher divergence and MMD.
 """
 
 from __future__ import annotations
@@ -64,3 +69,17 @@ def test_dense_flow_on_a_bnn_last_layer_has_lower_predictive_kl_and_fisher_diver
     gauss, flow = results["gaussian"], results["flow"]
     assert flow["predictive_kl"] < 0.5 * gauss["predictive_kl"], results
     assert flow["fisher"] < gauss["fisher"], results
+
+
+def test_elementwise_flow_on_a_bnn_last_layer_beats_the_gaussian_on_kl_fisher_and_mmd_at_12000_steps():
+    problem = T.last_layer()
+    results = {}
+    for family in ("gaussian", "elementwise_flow"):
+        opt, head = T.fit_last_layer(problem, lambda ps, family=family: ProxScoreOptimizer(
+            ps, 0.03, dataset_size=len(problem.labels), prior_precision=1 / problem.prior_std**2,
+            init_std=0.5, family=family), steps=12_000)
+        results[family] = T.last_layer_divergences(opt, head, problem, samples=20_000)
+    gauss, flow = results["gaussian"], results["elementwise_flow"]
+    assert flow["kl"] < gauss["kl"] - 0.05, results
+    assert flow["fisher"] < gauss["fisher"], results
+    assert flow["mmd"] < gauss["mmd"], results

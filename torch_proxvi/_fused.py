@@ -36,7 +36,7 @@ ACCELERATOR_CHUNK_NUMEL = 1 << 24
 def _chunk_numel(chunk_numel: int | None, device: torch.device) -> int:
     if chunk_numel is not None:
         return chunk_numel
-    return CHUNK_NUMEL if device.type == "cpu" else max(CHUNK_NUMEL, ACCELERATOR_CHUNK_NUMEL)
+    return CHUNK_NUMEL if device.type == "cpu" else ACCELERATOR_CHUNK_NUMEL
 
 
 def _chunks(sizes: list[int], limit: int) -> list[slice]:

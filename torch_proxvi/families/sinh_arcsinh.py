@@ -147,7 +147,7 @@ def score_and_derivatives(theta: Tensor, loc: Tensor, log_scale: Tensor, skew: T
     return g, (d_loc, d_log_scale, d_skew, d_log_tail)
 
 
-_BOUNDS = (None, (F.LOG_SCALE_MIN, F.LOG_SCALE_MAX), SKEW_BOUNDS, LOG_TAIL_BOUNDS)
+_BOUNDS = dict(zip(_NAMES, (None, (F.LOG_SCALE_MIN, F.LOG_SCALE_MAX), SKEW_BOUNDS, LOG_TAIL_BOUNDS)))
 
 
 def closed_form_kernel(theta: Tensor, sample_score: Tensor, loc: Tensor, log_scale: Tensor, skew: Tensor,
@@ -161,7 +161,7 @@ def closed_form_kernel(theta: Tensor, sample_score: Tensor, loc: Tensor, log_sca
     that a new step count does not recompile); ``exp_avgs`` holds None without first moments."""
     g, derivatives = score_and_derivatives(theta, loc, log_scale, skew, log_tail)
     residual = 2 * torch.exp(2 * log_scale) * (g - sample_score)
-    for i, (tensor, derivative) in enumerate(zip((loc, log_scale, skew, log_tail), derivatives)):
+    for i, (name, tensor, derivative) in enumerate(zip(_NAMES, (loc, log_scale, skew, log_tail), derivatives)):
         if i == 0:
             grad = -2 * sample_score if score_rule else residual * derivative
         elif frozen:
@@ -169,8 +169,8 @@ def closed_form_kernel(theta: Tensor, sample_score: Tensor, loc: Tensor, log_sca
         else:
             grad = residual * derivative
         F._adam(tensor, grad, exp_avgs[i], exp_avg_sqs[i], step, lr if i == 0 else shape_lr, beta1, beta2, eps)
-        if _BOUNDS[i] is not None:
-            tensor.clamp_(*_BOUNDS[i])
+        if _BOUNDS[name] is not None:
+            tensor.clamp_(*_BOUNDS[name])
 
 
 _compiled: dict = {}
@@ -270,7 +270,7 @@ class ElementwiseFlow(Family):
             _proximal.adam_variables(st, rates, beta1, "loc", frozen=frozen)   # creates the moments
             st["step"] += 1
         loc = states[0]["loc"]
-        hyper = [group["lr"], rates["skew"][0], *group["betas"], group["eps"], float(states[0]["step"])]
+        hyper = [rates["loc"][0], rates["skew"][0], *group["betas"], group["eps"], float(states[0]["step"])]
         if compiled:
             hyper = torch.tensor(hyper, dtype=loc.dtype, device=loc.device).unbind()
         kernel = _maybe_compiled(closed_form_kernel, compiled)
@@ -285,9 +285,7 @@ class ElementwiseFlow(Family):
     def update(self, group, states, accs, *, foreach, generator, compiled=False):
         outer_steps = float(states[0]["step"]) // group["inner_steps"]
         shape_lr = group["lr"] * group["scale_lr_ratio"]
-        rates = {"loc": (group["lr"], None),
-                 "log_scale": (shape_lr, (F.LOG_SCALE_MIN, F.LOG_SCALE_MAX)),
-                 "skew": (shape_lr, SKEW_BOUNDS), "log_tail": (shape_lr, LOG_TAIL_BOUNDS)}
+        rates = {name: (group["lr"] if name == "loc" else shape_lr, _BOUNDS[name]) for name in _NAMES}
         frozen = outer_steps < group["warmup_steps"]
         if self.closed_form and group["inner_steps"] == 1 and all(len(acc.score) == 1 for acc in accs):
             self._closed_form_update(group, states, accs, rates, frozen, compiled)
