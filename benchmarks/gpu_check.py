@@ -161,7 +161,7 @@ def scaler_check(args, device, steps=20):
             f"final scale {scaler.get_scale():g}"]
 
 
-def subprocess_part(title, cmd, timeout):
+def subprocess_part(cmd, timeout):
     t0 = time.monotonic()
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -214,12 +214,12 @@ def main() -> None:
     py = sys.executable
     sizes = (["--sizes", "1"] if args.smoke else ["--sizes", "86"])
     if "tests" in args.parts:
-        emit("CUDA tests", subprocess_part("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+        emit("CUDA tests", subprocess_part([py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                                      "tests/test_cuda.py"], timeout=120))
     if "step" in args.parts:
-        emit("Optimizer step at ViT-B size", subprocess_part("step", [
+        emit("Optimizer step at ViT-B size", subprocess_part([
             py, "benchmarks/step_overhead.py", "--device", args.device, *sizes, "--steps", "20"], timeout=110))
-        emit("Optimizer step at ViT-L size", subprocess_part("step", [
+        emit("Optimizer step at ViT-L size", subprocess_part([
             py, "benchmarks/step_overhead.py", "--device", args.device, "--sizes", "1" if args.smoke else "304",
             "--steps", "20", "--no-training-step", "--optimizers", *STEP_OVERHEAD_304], timeout=80))
     if "train" in args.parts:
