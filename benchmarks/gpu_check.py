@@ -47,7 +47,7 @@ VARIANTS = {           # name -> extra ProxScore options (None: fused AdamW)
     "ProxScore elementwise_flow": {"family": "elementwise_flow"},
 }
 STEP_OVERHEAD_304 = ["AdamW (fused)", "ADVI", "ProxScore", "ProxScore betas=(0, 0.999)", "ProxScore compiled",
-                     "IVON"]
+                     "ProxScore compiled, betas=(0, 0.999)", "IVON"]
 
 
 def hf_vit(device, smoke):
@@ -218,10 +218,10 @@ def main() -> None:
                                                      "tests/test_cuda.py"], timeout=120))
     if "step" in args.parts:
         emit("Optimizer step at ViT-B size", subprocess_part([
-            py, "benchmarks/step_overhead.py", "--device", args.device, *sizes, "--steps", "20"], timeout=110))
+            py, "benchmarks/step_overhead.py", "--device", args.device, *sizes, "--steps", "20"], timeout=170))
         emit("Optimizer step at ViT-L size", subprocess_part([
             py, "benchmarks/step_overhead.py", "--device", args.device, "--sizes", "1" if args.smoke else "304",
-            "--steps", "20", "--no-training-step", "--optimizers", *STEP_OVERHEAD_304], timeout=80))
+            "--steps", "20", "--no-training-step", "--optimizers", *STEP_OVERHEAD_304], timeout=100))
     if "train" in args.parts:
         emit("Training a ViT-B/16 with AMP", training_table(args, device, deadline=start + args.budget))
     if "scaler" in args.parts:

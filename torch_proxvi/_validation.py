@@ -15,6 +15,7 @@ from ._random import is_dtensor
 __all__ = ["validate_group", "check_sparse", "check_joint", "gradients_finite", "scores_finite"]
 
 _REQUIRED: Any = object()
+_LARGE_NUMEL = 1 << 14
 _PRIOR_MEANS = ("zero", "init")
 _MEAN_UPDATES = (None, "score", "residual")
 
@@ -93,6 +94,25 @@ def check_joint(work: list[tuple[dict, Tensor]], is_joint) -> None:
                 f"have one): leave parameters that get no gradient out of that group")
 
 
+def _max_abs(grads: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Tensors whose max is the largest |g| over ``grads``, NaN where one holds a NaN.
+
+    ``_foreach_norm(inf)`` is not vectorised on the CPU (15 ms at 10M numbers here): there each
+    large gradient gets one ``aminmax`` pass (2.5 ms at 10M) and the small ones share one
+    ``_foreach_norm``. Elsewhere, and for sharded (DTensor) gradients, whose norm is global,
+    ``_foreach_norm`` does all.
+    """
+    if device.type != "cpu" or any(is_dtensor(g) for g in grads):
+        return list(torch._foreach_norm(grads, float("inf")))
+    large = [g for g in grads if g.numel() >= _LARGE_NUMEL]
+    small = [g for g in grads if g.numel() < _LARGE_NUMEL]
+    out = list(torch._foreach_norm(small, float("inf"))) if small else []
+    if large:
+        lows, highs = zip(*(torch.aminmax(g) for g in large))
+        out += [torch.stack(lows).abs().max(), torch.stack(highs).abs().max()]
+    return out
+
+
 def gradients_finite(work: list[tuple[dict, Tensor]]) -> bool:
     """One sync per device: is every N * grad / T finite in the state dtype?"""
     by_device: dict[torch.device, list[Tensor]] = {}
@@ -100,8 +120,7 @@ def gradients_finite(work: list[tuple[dict, Tensor]]) -> bool:
     for group, p in work:
         batches.setdefault((id(group), p.device), (group, []))[1].append(p.grad)
     for (_, device), (group, grads) in batches.items():
-        norms = torch._foreach_norm(grads, float("inf"))
-        worst = torch.stack([n.to(families.state_dtype(n)) for n in norms]).max()
+        worst = torch.stack([n.to(families.state_dtype(n)) for n in _max_abs(grads, device)]).max()
         scaled = worst * (group["dataset_size"] / group["temperature"])
         by_device.setdefault(device, []).append(scaled.isfinite())
     return all(bool(torch.stack(flags).all()) for flags in by_device.values())

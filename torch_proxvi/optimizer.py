@@ -85,9 +85,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             ``torch.distributed`` rank 0's seed is broadcast, so every rank draws the same
             sample and, with DDP's averaged gradients, keeps the same state).
         foreach: use the multi-tensor update (default True).
-        compiled: run the common step (no closure, ``inner_steps=1``) as one kernel per
-            parameter compiled by ``torch.compile`` (Inductor; needs a C++ compiler on CPU,
-            Triton on CUDA). Several times faster on CPU; the first steps compile (seconds), and
+        compiled: run the common step (no closure, ``inner_steps=1``) as a kernel compiled by
+            ``torch.compile`` (Inductor; needs a C++ compiler on CPU, Triton on CUDA), small
+            tensors packed into shared calls. Several times faster; the first steps compile (seconds), and
             the sample noise comes from an in-kernel counter-based hash instead of torch's
             generator (still repeatable and saved in ``state_dict``).
 
