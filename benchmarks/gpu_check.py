@@ -45,6 +45,8 @@ VARIANTS = {           # name -> extra ProxScore options (None: fused AdamW)
     "ProxScore compiled": {"compiled": True},
     "ProxScore betas=(0, 0.999)": {"betas": (0.0, 0.999)},
     "ProxScore elementwise_flow": {"family": "elementwise_flow"},
+    "ProxScore compiled, betas=(0, 0.999)": {"compiled": True, "betas": (0.0, 0.999)},
+    "ProxScore elementwise_flow compiled": {"family": "elementwise_flow", "compiled": True},
 }
 STEP_OVERHEAD_304 = ["AdamW (fused)", "ADVI", "ProxScore", "ProxScore betas=(0, 0.999)", "ProxScore compiled",
                      "ProxScore compiled, betas=(0, 0.999)", "IVON"]

@@ -13,12 +13,12 @@ over 20 000 draws of q. Margins:
   dense flow at lr 0.003: at 0.01 one seed of three diverged on the BNN);
 * on the bimodal target the Fisher divergence is not compared: a Gaussian that collapses onto one
   mode has a small one (it fits that mode), the KL exposes it;
-* on the BNN's last layer only what held on every seed of the benchmark is asserted: the dense
-  flow (lr 0.003) has at most half the Gaussian's predictive KL to HMC (0.0003-0.001 against
-  0.0026-0.0067 over 3 seeds) and a lower Fisher divergence (on this seed 2.9 against 3.2, the
-  closest of the three; the others 1.4-1.6 against 3.4-7.5). Its KL(q || p) is level with the
-  Gaussian's and its MMD to the HMC draws higher (docs/benchmarks.md): that part of the issue's
-  claim is not met on this problem at 3000 steps.
+* on the BNN's last layer the dense flow with its defaults (lr 0.003; log-scales at 10x lr, its
+  network waiting 500 steps) beat the Gaussian on every metric and every seed of the benchmark
+  at 3000 steps: KL 0.43-0.46 against 1.59-1.65, Fisher 0.45-0.59 against 3.4-7.5, MMD
+  0.017-0.024 against 0.103-0.14, predictive KL 0.0001-0.0003 against 0.0026-0.0067. The test
+  asks for a KL gap of 0.5 (50 standard errors) and half the Gaussian's other divergences.
+  (Before those defaults its KL was level with the Gaussian's and its MMD higher.)
 * at 12 000 steps the element-wise flow (lr 0.03, as the Gaussian) has a lower KL, Fisher
   divergence and MMD than the Gaussian on every seed of the benchmark (KL 1.48-1.54 against
   1.58-1.62, Fisher 3.9-6.3 against 4.6-6.6 with the closest pair 6.33 against 6.62 on seed 1,
@@ -58,7 +58,7 @@ def test_dense_flow_fits_banana_and_two_modes_better_than_the_gaussian(name):
         assert flow["fisher"] < 0.5 * gauss["fisher"], (gauss, flow)
 
 
-def test_dense_flow_on_a_bnn_last_layer_has_lower_predictive_kl_and_fisher_divergence():
+def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric():
     problem = T.last_layer()
     results = {}
     for family in ("gaussian", "flow"):
@@ -67,8 +67,10 @@ def test_dense_flow_on_a_bnn_last_layer_has_lower_predictive_kl_and_fisher_diver
             prior_precision=1 / problem.prior_std**2, init_std=0.5, family=family), steps=3000)
         results[family] = T.last_layer_divergences(opt, head, problem, samples=20_000)
     gauss, flow = results["gaussian"], results["flow"]
+    assert flow["kl"] < gauss["kl"] - 0.5, results
+    assert flow["fisher"] < 0.5 * gauss["fisher"], results
+    assert flow["mmd"] < 0.5 * gauss["mmd"], results
     assert flow["predictive_kl"] < 0.5 * gauss["predictive_kl"], results
-    assert flow["fisher"] < gauss["fisher"], results
 
 
 def test_elementwise_flow_on_a_bnn_last_layer_beats_the_gaussian_on_kl_fisher_and_mmd_at_12000_steps():
@@ -83,3 +85,17 @@ def test_elementwise_flow_on_a_bnn_last_layer_beats_the_gaussian_on_kl_fisher_an
     assert flow["kl"] < gauss["kl"] - 0.05, results
     assert flow["fisher"] < gauss["fisher"], results
     assert flow["mmd"] < gauss["mmd"], results
+
+
+def test_dense_flow_trains_from_a_networks_init_std_with_its_defaults():
+    # From init_std=1e-3 (the library default) on a correlated Gaussian (rho 0.9, unit scale),
+    # where no mean-field family gets below KL 0.83. The flow's defaults (log-scales at 10x lr,
+    # its network waiting 500 steps) measured KL 0.028 at 1500 steps; before them, 3.3 at 3000
+    # steps from init_std 0.01, diverging at 12 000 (benchmarks/flow_start.py). The bound, 0.2,
+    # is a quarter of the mean-field optimum and some 20 Monte Carlo standard errors above the
+    # measured value.
+    target = T.correlated_gaussian(0.9)
+    opt, theta = T.fit(target, lambda ps: ProxScoreOptimizer(ps, 0.003, dataset_size=1, prior_precision=1e-6,
+                                                             family="flow"), steps=1500)
+    result = T.divergences(opt, theta, target, samples=20_000)
+    assert result["kl"] < 0.2, result

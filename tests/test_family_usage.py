@@ -124,3 +124,40 @@ def test_flow_without_zuko_names_the_install(monkeypatch):
     monkeypatch.setattr(flow, "_TEMPLATES", {})
     with pytest.raises(ImportError, match="pip install zuko"):
         ProxScoreOptimizer(build_model().parameters(), dataset_size=10, family="flow")
+
+
+def test_scale_lr_ratio_defaults_to_each_familys_own():
+    # None (the default) resolves per family: the dense flow's log-scales learn 10x faster, so
+    # that its scale, not its network, grows from a small init_std (docs/benchmarks.md)
+    model = build_model()
+    groups = [{"params": model[0].parameters(), "family": "gaussian"},
+              {"params": [model[2].weight], "family": "flow"},
+              {"params": [model[2].bias], "family": "elementwise_flow"}]
+    opt = ProxScoreOptimizer(groups, dataset_size=64)
+    assert [g["scale_lr_ratio"] for g in opt.param_groups] == [1.0, 10.0, 1.0]
+    opt = ProxScoreOptimizer(build_model().parameters(), dataset_size=64, family="flow", scale_lr_ratio=2.0)
+    assert opt.param_groups[0]["scale_lr_ratio"] == 2.0
+    with pytest.raises(ValueError, match="scale_lr_ratio"):
+        ProxScoreOptimizer(build_model().parameters(), dataset_size=64, scale_lr_ratio=-1.0)
+
+
+def test_the_dense_flows_network_waits_delay_steps_while_location_and_scale_learn():
+    model = build_model()
+    opt = ProxScoreOptimizer([{"params": model[2].parameters(), "family": "flow"}], lr=1e-2, dataset_size=64,
+                             flow_options={"delay": 3})
+    head = model[2].weight
+    x, y = build_data()
+    seen = []
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        before = {k: opt.state[head][k].clone() for k in ("flow", "loc", "log_scale")} if head in opt.state else None
+        opt.step()
+        if before is not None:
+            seen.append({k: not torch.equal(before[k], opt.state[head][k]) for k in before})
+    # steps 2 and 3 (the first creates the state) are within the delay, steps 4 and 5 after it
+    assert seen == [{"flow": False, "loc": True, "log_scale": True}] * 2 + [{"flow": True, "loc": True,
+                                                                               "log_scale": True}] * 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="delay"):
+            ProxScoreOptimizer(build_model().parameters(), dataset_size=64, family="flow", flow_options={"delay": bad})

@@ -50,6 +50,8 @@ def validate_group(group: dict[str, Any]) -> None:
                "must be a finite float > 0")
     for name in ("prox_weight", "eps", "scale_lr_ratio"):
         v = group[name]
+        if name == "scale_lr_ratio" and v is None:  # the family's default (Family.validate)
+            continue
         _check(_is_real(v) and 0 <= v < math.inf, name, v,
                "must be a finite float >= 0")
     for name, low in (("mc_samples", 1), ("inner_steps", 1), ("warmup_steps", 0)):

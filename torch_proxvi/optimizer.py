@@ -74,12 +74,16 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             score-matching residual); None (default) takes the family's choice: ``"score"``
             for the Gaussian and the element-wise flow (chosen by the ablations in
             docs/method.md), ``"residual"`` for the dense flow (its only rule).
-        scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``.
+        scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``; None (default)
+            takes the family's: 1 for the Gaussian and the element-wise flow, 10 for the dense
+            flow (so that its scale, not its network, grows from a small ``init_std``).
         warmup_steps: optimizer steps during which only the mean moves.
         flow_options: for ``family="flow"``: ``transforms`` (pairs of affine and spline
             coupling layers), ``hidden_features`` (their hyper-networks' widths), ``bins`` (spline
-            knots) and ``lr_ratio`` (the flow network's lr relative to ``lr``); default
-            ``{"transforms": 2, "hidden_features": (32, 32), "bins": 8, "lr_ratio": 0.1}``.
+            knots), ``lr_ratio`` (the flow network's lr relative to ``lr``) and ``delay`` (steps
+            before the network starts to learn: the group is a mean-field Gaussian until then);
+            default ``{"transforms": 2, "hidden_features": (32, 32), "bins": 8, "lr_ratio": 0.1,
+            "delay": 500}``.
         generator: ``torch.Generator`` for the weight samples (default: seeded from torch's
             global RNG at construction, so ``torch.manual_seed`` makes runs repeatable; under
             ``torch.distributed`` rank 0's seed is broadcast, so every rank draws the same
@@ -121,7 +125,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         eps: float = 1e-8,
         temperature: float = 1.0,
         mean_update: str | None = None,
-        scale_lr_ratio: float = 1.0,
+        scale_lr_ratio: float | None = None,
         warmup_steps: int = 0,
         flow_options: dict | None = None,
         generator: torch.Generator | None = None,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Target", "TARGETS", "fit", "divergences", "target_score", "LastLayer", "last_layer",
+__all__ = ["Target", "TARGETS", "correlated_gaussian", "fit", "divergences", "target_score", "LastLayer", "last_layer",
            "fit_last_layer", "head_draws", "last_layer_divergences"]
 
 
@@ -68,6 +68,13 @@ def _bimodal(theta: Tensor) -> Tensor:
     left = _normal(x1, -1.8, 0.6) + _normal(x2, 0.0, 0.6)
     right = _normal(x1, 1.8, 0.6) + _normal(x2, 0.0, 0.6)
     return torch.logaddexp(left, right) - math.log(2.0)
+
+
+def correlated_gaussian(rho: float = 0.9) -> Target:
+    """N(0, [[1, rho], [rho, 1]]): a mean-field family reaches at best KL = -log(1 - rho^2) / 2."""
+    cov = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
+    normal = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov)
+    return Target("correlated_gaussian", 2, normal.log_prob, (0.0, 0.0))
 
 
 TARGETS = {

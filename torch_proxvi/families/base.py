@@ -57,11 +57,15 @@ class Family:
     variational: tuple[str, ...] = ()
     #: the ``mean_update`` rules the family supports; the first is its default
     mean_updates: tuple[str, ...] = ("score", "residual")
+    #: ``scale_lr_ratio`` when the group leaves it None
+    scale_lr_ratio: float = 1.0
 
     # ---------------------------------------------------------------- storage
     def validate(self, group: dict[str, Any]) -> None:
         """Raise ValueError (naming the fix) if ``group`` cannot use this family; resolve
-        ``mean_update=None`` to the family's default."""
+        ``mean_update=None`` and ``scale_lr_ratio=None`` to the family's defaults."""
+        if group["scale_lr_ratio"] is None:
+            group["scale_lr_ratio"] = self.scale_lr_ratio
         if group["mean_update"] is None:
             group["mean_update"] = self.mean_updates[0]
         if group["mean_update"] not in self.mean_updates:

@@ -26,7 +26,12 @@ State: every parameter of the group stores its slice of ``loc`` (:math:`m`) and 
 flat vector (their layout is the zuko modules built from the group's ``flow_options``). Each has
 Adam moments ``<name>_exp_avg_sq`` (and ``<name>_exp_avg`` when ``betas[0] > 0``). The flow's
 weights learn at ``lr * flow_options["lr_ratio"]`` (0.1: at the location's rate the flow ran
-away on correlated and banana targets) and stay fixed during ``warmup_steps``. The marginal
+away on correlated and banana targets) and stay fixed during ``warmup_steps`` and the first
+``flow_options["delay"]`` steps (500), while the log-scales learn at 10x ``lr`` (the family's
+``scale_lr_ratio``). From a start far narrower than the posterior the network otherwise grew to
+carry the scale, slowly, while the log-scales stalled: from ``init_std=0.01`` the fit diverged
+(``benchmarks/flow_start.py``). With the delay, the group first fits a mean-field Gaussian, whose
+scale the flow then leaves to ``log_scale`` and only shapes. The marginal
 mean and std are Monte Carlo estimates over :data:`SUMMARY_SAMPLES` draws from a fixed seed
 (repeatable; their error is about std / 45).
 
@@ -51,7 +56,8 @@ __all__ = ["DenseFlow", "MAX_DIM", "DEFAULT_OPTIONS"]
 
 MAX_DIM = 20_000
 SUMMARY_SAMPLES = 2048
-DEFAULT_OPTIONS: dict[str, Any] = {"transforms": 2, "hidden_features": (32, 32), "bins": 8, "lr_ratio": 0.1}
+DEFAULT_OPTIONS: dict[str, Any] = {"transforms": 2, "hidden_features": (32, 32), "bins": 8, "lr_ratio": 0.1,
+                                   "delay": 500}
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -111,6 +117,7 @@ def _template(group: dict, dim: int, dtype: torch.dtype, device) -> tuple[_Trans
     """The zuko module of this group's layout (its own weights are never used: state is)."""
     options = _options(group)
     options.pop("lr_ratio")
+    options.pop("delay")
     key = (dim, tuple(sorted(options.items())), dtype, str(device))
     if key not in _TEMPLATES:
         zuko = _zuko()
@@ -138,6 +145,7 @@ class DenseFlow(Family):
     joint = True
     variational = ("loc", "log_scale")
     mean_updates = ("residual",)
+    scale_lr_ratio = 10.0
     _mean_update_note = ("the flow's location follows the full score-matching residual; leave "
                          "mean_update=None")
 
@@ -156,6 +164,10 @@ class DenseFlow(Family):
         if options is not None and (not isinstance(options, dict) or set(options) - set(DEFAULT_OPTIONS)):
             raise ValueError(f"Invalid flow_options: {options!r} (a dict with keys among "
                              f"{sorted(DEFAULT_OPTIONS)}, e.g. {{'transforms': 3, 'hidden_features': (64, 64)}})")
+        delay = _options(group)["delay"]
+        if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
+            raise ValueError(f"Invalid flow_options['delay']: {delay!r} (an int >= 0: the steps before the "
+                             f"flow's network starts to learn)")
         p = group["params"][0]
         _template(group, dim, state_dtype(p), p.device)  # zuko present, options accepted
 
@@ -283,8 +295,9 @@ class DenseFlow(Family):
                 st, {"loc": (group["lr"], None), "log_scale": (scale_lr, bounds)}, beta1, "loc", frozen)
             locs.append(loc)
             log_scales.append(log_scale)
-        (flow,) = _proximal.adam_variables(
-            states[0], {"flow": (group["lr"] * _options(group)["lr_ratio"], None)}, beta1, "loc", frozen)
+        options = _options(group)
+        (flow,) = _proximal.adam_variables(states[0], {"flow": (group["lr"] * options["lr_ratio"], None)}, beta1,
+                                           "loc", frozen or outer_steps < options["delay"])
         k = len(accs[0].theta)
         thetas = torch.stack([self._flat([acc.theta[i] for acc in accs]) for i in range(k)])
         scores = [self._flat([acc.score[i] for acc in accs]) for i in range(k)]
