@@ -1,8 +1,10 @@
-"""Comparison helpers shared by the test modules (exact, bitwise comparisons)."""
+"""Helpers shared by the test modules: exact, bitwise comparisons and interleaved step timing."""
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 
@@ -41,3 +43,16 @@ def assert_nested_equal(a, b, path="state"):
         assert math.isnan(b), path
     else:
         assert a == b, path
+
+
+def median_step_times(opts: dict, steps: int, warmup: int) -> dict:
+    """Median ``step()`` seconds of each optimizer, timed interleaved (one step of each in turn,
+    so the machine's load affects all alike), after ``warmup`` untimed rounds."""
+    times = {name: [] for name in opts}
+    for i in range(warmup + steps):
+        for name, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -3,11 +3,9 @@ temporaries, the compact state without first moments, and a step cheaper than th
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
+from helpers import median_step_times
 
 from torch_proxvi import ProxScoreOptimizer, _fused
 from torch_proxvi.testing import PeakTemporaries
@@ -123,14 +121,8 @@ def test_fused_step_is_faster_than_the_general_path():
     for f in params:
         for p in params[f]:
             p.grad = torch.randn_like(p)
-    times = {True: [], False: []}
-    for i in range(9):
-        for f, opt in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            if i >= 2:
-                times[f].append(time.perf_counter() - t0)
-    assert statistics.median(times[True]) < 0.85 * statistics.median(times[False])
+    median = median_step_times(opts, steps=7, warmup=2)
+    assert median[True] < 0.85 * median[False]
 
 
 # ---------------------------------------------------------------------------- compiled=True
