@@ -59,6 +59,7 @@ ABLATION = {
     "ProxScore inner_steps=3, prox_weight=10": dict(inner_steps=3, prox_weight=10.0),
     "ProxScore (residual) inner_steps=3": dict(inner_steps=3, mean_update="residual"),
     "ProxScore mc_samples=4": dict(mc_samples=4),
+    "ProxScore betas=(0, 0.999)": dict(betas=(0.0, 0.999)),   # the compact state: no first moments
 }
 for _name, _kw in ABLATION.items():
     METHODS[_name] = (lambda ps, lr, n, kw=_kw: ProxScoreOptimizer(ps, lr, dataset_size=n, init_std=0.1, **kw),

@@ -13,13 +13,23 @@ its sample and collects the gradient), because that is where its per-step work h
 
 Columns: the median step time as a ratio to Adam(foreach=True); persistent optimizer state in
 bytes per parameter (Adam: 8); and the peak of the temporaries allocated during the step, in
-bytes per parameter (CPU: tracked by a dispatch mode; CUDA: the allocator's peak). The last
-table times a whole training step (forward, backward, step) of a small ViT.
+bytes per parameter (CPU: tracked by a dispatch mode; CUDA: the allocator's peak); on the CPU
+also the page faults per step. The last table times a whole training step (forward, backward,
+step) of a small ViT.
+
+**Adam(foreach)'s two speeds on the CPU.** Its step allocates full-size temporaries. glibc
+serves them either from memory freed the step before or from fresh pages, which the kernel must
+fault in and zero (about 9000 faults per step at 10M, and twice the time), depending on the
+heap's history in the process. So one run may find Adam at 20 ms and the next at 40.
+``--reuse-freed-memory`` tells glibc to keep and reuse freed memory (``mallopt``), which holds
+every optimizer at its fastest: the strict comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import resource
 import statistics
 import sys
 import time
@@ -85,10 +95,23 @@ def state_bytes(opt) -> int:
     """Bytes of every non-scalar tensor the optimizer saves (IVON keeps its state in the groups)."""
     seen, total = set(), 0
     for t in tensors_in(opt.state_dict()):
-        if t.dim() > 0 and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
+        # a tensor shared by two entries counts once; views of one buffer each count
+        if t.dim() > 0 and (t.data_ptr(), t.numel()) not in seen:
+            seen.add((t.data_ptr(), t.numel()))
             total += t.numel() * t.element_size()
     return total
+
+
+def reuse_freed_memory() -> None:
+    """glibc: serve allocations up to 32 MiB from the heap and never trim it (no fresh pages)."""
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("--reuse-freed-memory needs glibc's mallopt")
+
+
+def page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def sync(device):
@@ -118,14 +141,16 @@ def run_size(millions: int, steps: int, device, only: list[str] | None = None) -
             print(f"  {name}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:200]})", flush=True)
             continue
         runs[name] = (opt, step, [])
+    faults = dict.fromkeys(runs, 0)
     for i in range(steps + 3):
-        for _, step, times in runs.values():
+        for name, (_, step, times) in runs.items():
             sync(device)
-            t0 = time.perf_counter()
+            f0, t0 = page_faults(), time.perf_counter()
             step()
             sync(device)
             if i >= 3:
                 times.append(time.perf_counter() - t0)
+                faults[name] += page_faults() - f0
     base = statistics.median(runs["Adam (foreach)"][2])
     fused = statistics.median(runs["AdamW (fused)"][2]) if "AdamW (fused)" in runs else float("nan")
     rows = []
@@ -141,7 +166,8 @@ def run_size(millions: int, steps: int, device, only: list[str] | None = None) -
                 step()
             peak = tracker.peak
         med = statistics.median(times)
-        rows.append((millions, n, name, med * 1e3, med / base, med / fused, state_bytes(opt) / n, peak / n))
+        rows.append((millions, n, name, med * 1e3, med / base, med / fused, state_bytes(opt) / n, peak / n,
+                     faults[name] / steps))
     return rows
 
 
@@ -185,16 +211,21 @@ def main() -> None:
     ap.add_argument("--optimizers", nargs="*", default=None,
                     help="only these rows (names as printed; Adam (foreach) is always kept as the base)")
     ap.add_argument("--no-training-step", action="store_true")
+    ap.add_argument("--reuse-freed-memory", action="store_true",
+                    help="glibc keeps and reuses freed memory: no optimizer pays for fresh pages")
     args = ap.parse_args()
+    if args.reuse_freed_memory:
+        reuse_freed_memory()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
     print("| size | optimizer | step ms | ratio to Adam | ratio to fused AdamW | state bytes/param "
-          "| peak temporaries bytes/param |")
-    print("|---|---|---|---|---|---|---|")
+          "| peak temporaries bytes/param | page faults/step |")
+    print("|---|---|---|---|---|---|---|---|")
     for millions in args.sizes:
-        for _, n, name, ms, ratio, to_fused, state, peak in run_size(millions, args.steps, device, args.optimizers):
-            print(f"| {n / 1e6:.1f}M | {name} | {ms:.2f} | {ratio:.2f} | {to_fused:.2f} | {state:.1f} | {peak:.1f} |",
-                  flush=True)
+        for _, n, name, ms, ratio, to_fused, state, peak, faults in run_size(millions, args.steps, device,
+                                                                             args.optimizers):
+            print(f"| {n / 1e6:.1f}M | {name} | {ms:.2f} | {ratio:.2f} | {to_fused:.2f} | {state:.1f} | {peak:.1f} "
+                  f"| {faults:.0f} |", flush=True)
     if not args.no_training_step:
         print("\n| ViT params | optimizer | train step ms | ratio to Adam |\n|---|---|---|---|")
         for n, name, ms, ratio in training_step_ratio(device, args.steps):

@@ -8,10 +8,11 @@ weight is read and written once.
 **Calls.** Each call costs some 50 us on the CPU and 160 us on an H100 whatever its size, so
 small tensors are not called one by one: a batch is put in a canonical order (tensors under
 ``SMALL_NUMEL`` numbers first, then the rest, each in the group's order) and consecutive tensors
-are packed into flat copies of up to a chunk (:func:`torch_proxvi._fused._chunk_numel`), stepped
-in one call and copied back. On the CPU only the small tensors are packed (a copy costs more
-than a call there); on an accelerator every tensor up to a chunk is. Tensors that are not
-contiguous are always packed.
+are packed into one call of up to a chunk (:func:`torch_proxvi._fused._chunk_numel`). On the CPU
+only the small tensors are packed (a copy costs more than a call there); on an accelerator every
+tensor up to a chunk is. Tensors that are not contiguous are always packed. A packed call's
+weights and gradients are copied into flat buffers and the weights copied back; its state lives
+in flat buffers of its own (:func:`flat_state`), so the state is never copied.
 
 **Noise.** The noise of the next sample comes from a counter-based hash inside the kernel
 instead of torch's generator: the number at canonical offset ``o`` of a batch (its position in
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,14 +39,13 @@ from . import _fused
 from ._functional import LOG_SCALE_MAX, LOG_SCALE_MIN
 from .families import gaussian
 
-__all__ = ["hash_normal", "stream_keys", "plan", "step_kernel", "hyperparameters", "compiled_step",
-           "check_available", "SMALL_NUMEL"]
+__all__ = ["hash_bits", "uniforms", "hash_normal", "stream_keys", "plan", "step_kernel", "hyperparameters",
+           "compiled_step", "check_available", "flat_state", "SMALL_NUMEL"]
 
 #: tensors with fewer numbers are stepped together, packed into shared calls
 SMALL_NUMEL = 1 << 14
 STATE_NAMES = ("mean", "log_scale", "mean_exp_avg", "mean_exp_avg_sq", "log_scale_exp_avg",
                "log_scale_exp_avg_sq", "prior_mean")
-_WRITTEN = STATE_NAMES[:-1]
 
 _GOLDEN = -7046029254386353131   # 0x9E3779B97F4A7C15 as int64
 _GOLDEN_INVERSE = -1018231460777725123   # its inverse modulo 2**64: _GOLDEN * _GOLDEN_INVERSE = 1
@@ -56,20 +58,30 @@ def _shift(z: Tensor, k: int) -> Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)
 
 
-def hash_normal(key: Tensor, numel: int, dtype: torch.dtype, device) -> Tensor:
-    """``numel`` standard normals: splitmix64((key + i) * golden), i = 0..numel-1.
-
-    ``key = seed * golden^-1 + offset`` (modulo 2**64) gives splitmix64(seed + (offset + i) * golden),
-    the numbers at offsets ``offset ...`` of seed ``seed``'s stream (:func:`stream_keys`).
-    """
+def hash_bits(key: Tensor, numel: int, device) -> Tensor:
+    """``numel`` int64 words: splitmix64((key + i) * golden), i = 0..numel-1."""
     # the product is taken after adding the loaded key: Inductor turns a bare i * golden into
     # 32-bit index arithmetic on CUDA, where the constant does not fit
     z = (torch.arange(numel, dtype=torch.int64, device=device) + key) * _GOLDEN
     z = (z ^ _shift(z, 30)) * _MIX1
     z = (z ^ _shift(z, 27)) * _MIX2
-    z = z ^ _shift(z, 31)
-    u1 = (_shift(z, 40).to(dtype) + 0.5) * (1.0 / (1 << 24))          # (0, 1)
-    u2 = (_shift(z, 16) & 0xFFFFFF).to(dtype) * (1.0 / (1 << 24))       # [0, 1)
+    return z ^ _shift(z, 31)
+
+
+def uniforms(bits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Two 24-bit uniforms from each word: in (0, 1) (for the log) and in [0, 1)."""
+    u1 = (_shift(bits, 40).to(dtype) + 0.5) * (1.0 / (1 << 24))
+    u2 = (_shift(bits, 16) & 0xFFFFFF).to(dtype) * (1.0 / (1 << 24))
+    return u1, u2
+
+
+def hash_normal(key: Tensor, numel: int, dtype: torch.dtype, device) -> Tensor:
+    """``numel`` standard normals, by Box-Muller from :func:`hash_bits` of ``key``.
+
+    ``key = seed * golden^-1 + offset`` (modulo 2**64) gives splitmix64(seed + (offset + i) * golden),
+    the numbers at offsets ``offset ...`` of seed ``seed``'s stream (:func:`stream_keys`).
+    """
+    u1, u2 = uniforms(hash_bits(key, numel, device), dtype)
     return torch.sqrt(-2 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
@@ -146,10 +158,13 @@ def _contiguous(tensors) -> bool:
     return all(t is None or t.is_contiguous() for t in tensors)
 
 
-def plan(sizes: list[int], contiguous: list[bool], device: torch.device, chunk_numel: int | None = None,
-         pack_all: bool | None = None) -> list[tuple[list[int], int, bool]]:
+def plan(sizes: list[int], contiguous: list[bool] | Callable[[int], bool], device: torch.device,
+         chunk_numel: int | None = None, pack_all: bool | None = None) -> list[tuple[list[int], int, bool]]:
     """The calls of one batch: ``(indices, canonical offset of the first, packed)`` each.
-    ``pack_all`` (default: on an accelerator) packs large tensors too, up to the chunk size."""
+    ``pack_all`` (default: on an accelerator) packs large tensors too, up to the chunk size.
+    ``contiguous`` (whether all of a tensor's arrays are; a list, or a function of the index) is
+    asked only about tensors large enough to be called on their own."""
+    is_contiguous = contiguous.__getitem__ if isinstance(contiguous, list) else contiguous
     order = sorted(range(len(sizes)), key=lambda i: sizes[i] >= SMALL_NUMEL)
     limit = _fused._chunk_numel(chunk_numel, device)
     if pack_all is None:
@@ -159,7 +174,7 @@ def plan(sizes: list[int], contiguous: list[bool], device: torch.device, chunk_n
     run_start = run_numel = offset = 0
     for i in order:
         n = sizes[i]
-        direct = contiguous[i] and (n >= limit or (not pack_all and n >= SMALL_NUMEL))
+        direct = (n >= limit or (not pack_all and n >= SMALL_NUMEL)) and is_contiguous(i)
         if run and (direct or run_numel + n > limit):
             calls.append((run, run_start, True))
             run = []
@@ -190,22 +205,47 @@ def compiled_step(params: list[Tensor], states: list[dict], group: dict, generat
     update_scale = step - 1 >= group["warmup_steps"]
     residual = group["mean_update"] == "residual"
     names = [n for n in STATE_NAMES if n in states[0]]
-    written = ["p"] + [n for n in names if n in _WRITTEN and (update_scale or not n.startswith("log_scale"))]
-    tensors = [{"p": p.detach(), "grad": p.grad, **{n: st[n] for n in names}} for p, st in zip(params, states)]
-    calls = plan([p.numel() for p in params], [_contiguous(t.values()) for t in tensors], device, chunk_numel, pack_all)
+
+    def arrays(i: int) -> dict[str, Tensor]:
+        return {"p": params[i].detach(), "grad": params[i].grad, **{n: states[i][n] for n in names}}
+
+    calls = plan([p.numel() for p in params], lambda i: _contiguous(arrays(i).values()), device, chunk_numel,
+                 pack_all)
     seed = torch.randint(-(2**62), 2**62, (), generator=generator, device=generator.device).to(device)
     keys = stream_keys(seed, torch.tensor([start for _, start, _ in calls], dtype=torch.int64, device=device))
     fn = kernel or _kernel()
     for (indices, _, packed), key in zip(calls, keys):
         if packed:
-            flat = {k: _flatten_dense_tensors([tensors[i][k] for i in indices]).to(dtype)
-                    for k in ("p", "grad", *names)}
+            weights = [params[i].detach() for i in indices]
+            flat = {"p": _flatten_dense_tensors(weights).to(dtype),
+                    "grad": _flatten_dense_tensors([params[i].grad for i in indices]).to(dtype)}
+            flat.update((n, flat_state(states, indices, n)) for n in names)
         else:
-            flat = {k: v.view(-1) for k, v in tensors[indices[0]].items()}
+            flat = {k: v.view(-1) for k, v in arrays(indices[0]).items()}
         fn(flat["p"], flat["grad"], flat["mean"], flat["log_scale"], flat.get("mean_exp_avg"),
            flat["mean_exp_avg_sq"], flat.get("log_scale_exp_avg"), flat["log_scale_exp_avg_sq"],
            flat.get("prior_mean"), key, hyper, residual, update_scale)
         if packed:
-            for k in written:
-                dst = [tensors[i][k] for i in indices]
-                torch._foreach_copy_(dst, _unflatten_dense_tensors(flat[k], dst))
+            torch._foreach_copy_(weights, _unflatten_dense_tensors(flat["p"], weights))
+
+
+def flat_state(states: list[dict], indices: list[int], name: str) -> Tensor:
+    """State ``name`` of the tensors ``indices`` as one flat buffer that they are views of.
+
+    The first packed step lays the state out so (one copy; the state tensors are replaced by
+    views of the buffer, same values and shapes); later steps find the buffer and pass it to the
+    kernel as it is, so only the weights and their gradients are copied in and out. The buffer
+    remembers (by weak reference) the views it handed out: a state tensor that was replaced since
+    (by assignment, ``load_state_dict``, new first moments) is laid out again.
+    """
+    views = [states[i][name] for i in indices]
+    base = views[0]._base
+    made = getattr(base, "_proxvi_views", None)
+    if made is not None and len(made) == len(views) and all(r() is v for r, v in zip(made, views)):
+        return base
+    flat = _flatten_dense_tensors(views)
+    views = _unflatten_dense_tensors(flat, views)
+    for i, view in zip(indices, views):
+        states[i][name] = view
+    flat._proxvi_views = [weakref.ref(v) for v in views]
+    return flat
