@@ -37,16 +37,11 @@ def set_grads(cpu, gpu, seed):
         b.grad = grad.to(CUDA)
 
 
-@pytest.mark.parametrize("foreach", [True, False])
-@pytest.mark.parametrize("kw", [dict(), dict(mean_update="residual", betas=(0.0, 0.99), prior_mean="init",
-                                              warmup_steps=1)])
-def test_the_cuda_update_equals_the_cpu_update_in_float64(foreach, kw):
-    # The two devices draw different noise, so before each step the CPU copy is given the CUDA
-    # sample; from there the update (score, both Adam steps) must agree to float64 rounding.
-    cpu, gpu = twin_params()
-    opts = [ProxScoreOptimizer(ps, lr=0.05, dataset_size=40, init_std=0.2, foreach=foreach, **kw)
-            for ps in (cpu, gpu)]
-    for step in range(4):
+def steps_agree(cpu, gpu, opts, steps):
+    """Step the CPU and the CUDA optimizer (``opts``) in lockstep and check their states agree in
+    float64. The two devices draw different noise, so before each step the CPU copy is given the
+    CUDA sample; from there the update (score, both Adam steps) must agree to rounding."""
+    for step in range(steps):
         with torch.no_grad():
             for a, b in zip(cpu, gpu):
                 a.copy_(b.cpu())
@@ -57,6 +52,16 @@ def test_the_cuda_update_equals_the_cpu_update_in_float64(foreach, kw):
             for k, v in opts[0].state[a].items():
                 assert opts[1].state[b][k].device.type == "cuda" or v.dim() == 0
                 torch.testing.assert_close(opts[1].state[b][k].cpu(), v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("kw", [dict(), dict(mean_update="residual", betas=(0.0, 0.99), prior_mean="init",
+                                              warmup_steps=1)])
+def test_the_cuda_update_equals_the_cpu_update_in_float64(foreach, kw):
+    cpu, gpu = twin_params()
+    opts = [ProxScoreOptimizer(ps, lr=0.05, dataset_size=40, init_std=0.2, foreach=foreach, **kw)
+            for ps in (cpu, gpu)]
+    steps_agree(cpu, gpu, opts, steps=4)
     for b in gpu:                           # and a fresh sample was written on the device
         assert not torch.equal(b.detach(), opts[1].state[b]["mean"])
 
@@ -204,3 +209,26 @@ def test_fused_step_temporaries_on_cuda_are_bounded_by_the_chunk_not_the_model()
     # the general path holds four statistics per weight (4x the model); the fused path at most
     # six chunk-sized temporaries, half of that here and the same for any larger model
     assert peak <= 6 * chunk_bytes <= 2 * model_bytes, (peak, chunk_bytes)
+
+
+@pytest.mark.parametrize("first_moments", [True, False])
+def test_the_fused_adam_kernel_on_cuda_gives_the_cpu_update(first_moments, monkeypatch):
+    # torch's fused Adam runs the CPU's Adam steps (_functional.FUSED_ADAM_DEVICES); on CUDA it
+    # waits for this check. Switched on, the fused-path step on CUDA must equal the CPU's in
+    # float64, as the foreach version does (the first test, whose pattern this follows).
+    from torch_proxvi import _functional
+
+    monkeypatch.setattr(_functional, "FUSED_ADAM_DEVICES", ("cpu", "cuda"))
+    devices = []
+    fused_adam = torch._fused_adam_
+
+    def counted(*args, **kwargs):
+        devices.append(args[0][0].device.type)
+        return fused_adam(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", counted)
+    cpu, gpu = twin_params()
+    opts = [ProxScoreOptimizer(ps, lr=0.05, dataset_size=40, init_std=0.2,
+                               betas=(0.9 if first_moments else 0.0, 0.999)) for ps in (cpu, gpu)]
+    steps_agree(cpu, gpu, opts, steps=3)
+    assert {"cpu", "cuda"} <= set(devices)

@@ -101,3 +101,31 @@ def test_score_mean_update_drops_only_the_control_variate():
     sc_m, sc_rho = F.proximal_gradients(mean, log_scale, mean, var, stats, mean_update="score", **kw)
     torch.testing.assert_close(res_m - sc_m, -2 * u / var)   # the control variate -u / sigma^2
     torch.testing.assert_close(res_rho, sc_rho)               # the scale update is shared
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-15), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("first_moments", [True, False])
+def test_fused_adam_equals_foreach_adam(dtype, tol, first_moments):
+    # On the CPU fused_adam runs torch's fused Adam kernel; it must do what foreach_adam's seven
+    # passes do (to rounding), with first moments and without (beta1 = 0, the gradient standing
+    # in for them), and leave the gradients' values alone.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(30, 7), (5,), (4096,)]
+
+    def tensors(positive=False):
+        out = [torch.randn(s, generator=g, dtype=dtype) for s in shapes]
+        return [t.abs() for t in out] if positive else out
+
+    params, grads, exp_avgs, exp_avg_sqs = tensors(), tensors(), tensors(), tensors(positive=True)
+    beta1 = 0.9 if first_moments else 0.0
+    runs = []
+    for fn in (F.fused_adam, F.foreach_adam):
+        copies = [[t.clone() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        for _ in range(3):
+            fn(copies[0], copies[1], copies[2] if first_moments else None, copies[3], 7, 1e-2, beta1, 0.999, 1e-8)
+        runs.append(copies)
+    for fused, reference in zip(*runs):
+        for a, b in zip(fused, reference):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], grads))
+    assert not torch.equal(runs[0][0][0], params[0])

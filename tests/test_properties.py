@@ -98,6 +98,16 @@ def close(a, b, dtype):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
 
 
+def close_state(a, b, weight_dtype):
+    if weight_dtype in (torch.bfloat16, torch.float16):
+        # The sample is rounded to the weight's 8 (11) bits, so u = theta - mean is ~1e-3 of the
+        # mean: a float32 rounding difference in the mean (6e-8 of it, from the two paths' Adam
+        # kernels) is ~1e-4 of u, and of the log-scale gradient's u^2 terms after 3 steps.
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    else:
+        close(a, b, a.dtype)
+
+
 @PROPS
 @given(layout=layouts(), seed=st.integers(0, 2**16), kw=hyper)
 def test_foreach_and_single_tensor_agree(layout, seed, kw):
@@ -114,7 +124,7 @@ def test_foreach_and_single_tensor_agree(layout, seed, kw):
         sa, sb = per_weight_state(oa, a), per_weight_state(ob, b)
         assert sa.keys() == sb.keys()
         for k in sa:
-            close(sa[k], sb[k], sa[k].dtype)
+            close_state(sa[k], sb[k], a.dtype)
         assert float(oa.state[a]["step"]) == float(ob.state[b]["step"])
 
 

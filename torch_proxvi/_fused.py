@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._functional import LOG_SCALE_MAX, LOG_SCALE_MIN, foreach_adam
+from ._functional import LOG_SCALE_MAX, LOG_SCALE_MIN, fused_adam
 from ._random import normal_
 from .families import gaussian
 
@@ -105,12 +105,12 @@ def fused_update(
         torch._foreach_mul_(grad_log_scale, -4.0)       # -4 (u^2 / var + u s)
         del score, var
         mean_avg = gaussian.first_moments(sts, "mean_exp_avg", beta1)
-        foreach_adam(means, grad_mean, mean_avg, [st["mean_exp_avg_sq"] for st in sts], step, lr,
+        fused_adam(means, grad_mean, mean_avg, [st["mean_exp_avg_sq"] for st in sts], step, lr,
                beta1, beta2, eps)
         del grad_mean
         if update_scale:
             scale_avg = gaussian.first_moments(sts, "log_scale_exp_avg", beta1)
-            foreach_adam(log_scales, grad_log_scale, scale_avg, [st["log_scale_exp_avg_sq"] for st in sts],
+            fused_adam(log_scales, grad_log_scale, scale_avg, [st["log_scale_exp_avg_sq"] for st in sts],
                    step, scale_lr, beta1, beta2, eps)
             torch._foreach_clamp_min_(log_scales, LOG_SCALE_MIN)
             torch._foreach_clamp_max_(log_scales, LOG_SCALE_MAX)
