@@ -1,8 +1,9 @@
 r"""The common step, fused: one sample (K = 1), one inner step, the gradients in ``p.grad``.
 
 This is what an ordinary training loop runs every iteration, so it is written for speed: the
-score and the two Adam updates are computed chunk by chunk with ``torch._foreach_*`` ops, never
-building the Monte Carlo statistics of the general path, and :func:`sample_` draws the next
+score and the two Adam updates are computed chunk by chunk with ``torch._foreach_*`` ops (the
+Adam updates by torch's fused Adam kernel where :func:`torch_proxvi._functional.fused_adam` has
+it), never building the Monte Carlo statistics of the general path, and :func:`sample_` draws the next
 sample in place into the weights. Temporaries are bounded by the chunk (``CHUNK_NUMEL`` numbers
 on the CPU, ``ACCELERATOR_CHUNK_NUMEL`` on a GPU, or one tensor if larger), not by the model;
 ``exp`` runs once for the gradient and once for the sample.
