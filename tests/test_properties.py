@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_proxvi import ProxScoreOptimizer
+from torch_proxvi import ProxScoreOptimizer, _functional
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 PROPS = settings(max_examples=25, deadline=None, derandomize=True, database=None)
@@ -98,33 +100,27 @@ def close(a, b, dtype):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
 
 
-def close_state(a, b, weight_dtype):
-    if weight_dtype in (torch.bfloat16, torch.float16):
-        # The sample is rounded to the weight's 8 (11) bits, so u = theta - mean is ~1e-3 of the
-        # mean: a float32 rounding difference in the mean (6e-8 of it, from the two paths' Adam
-        # kernels) is ~1e-4 of u, and of the log-scale gradient's u^2 terms after 3 steps.
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
-    else:
-        close(a, b, a.dtype)
-
-
 @PROPS
 @given(layout=layouts(), seed=st.integers(0, 2**16), kw=hyper)
 def test_foreach_and_single_tensor_agree(layout, seed, kw):
     specs, groups = layout
     runs = []
-    for foreach in (True, False):
-        params = make_params(specs, seed)
-        opt = make_optimizer(params, groups, foreach, **kw)
-        run(params, opt, n_steps=3, scale=1.0)
-        runs.append((params, opt))
+    # Both paths take the same Adam kernel here: the fused path's torch._fused_adam_ equals
+    # foreach_adam to rounding, not bit for bit (test_functional.py checks it), and through a
+    # bf16 sample (u = theta - mean cancels) one float32 ulp of the mean reaches 1e-5 of the state.
+    with mock.patch.object(_functional, "FUSED_ADAM_DEVICES", ()):
+        for foreach in (True, False):
+            params = make_params(specs, seed)
+            opt = make_optimizer(params, groups, foreach, **kw)
+            run(params, opt, n_steps=3, scale=1.0)
+            runs.append((params, opt))
     (pa, oa), (pb, ob) = runs
     for a, b in zip(pa, pb, strict=True):
         close(a.detach(), b.detach(), a.dtype)
         sa, sb = per_weight_state(oa, a), per_weight_state(ob, b)
         assert sa.keys() == sb.keys()
         for k in sa:
-            close_state(sa[k], sb[k], a.dtype)
+            close(sa[k], sb[k], sa[k].dtype)
         assert float(oa.state[a]["step"]) == float(ob.state[b]["step"])
 
 

@@ -107,12 +107,12 @@ def fused_update(
         del score, var
         mean_avg = gaussian.first_moments(sts, "mean_exp_avg", beta1)
         fused_adam(means, grad_mean, mean_avg, [st["mean_exp_avg_sq"] for st in sts], step, lr,
-               beta1, beta2, eps)
+                   beta1, beta2, eps)
         del grad_mean
         if update_scale:
             scale_avg = gaussian.first_moments(sts, "log_scale_exp_avg", beta1)
             fused_adam(log_scales, grad_log_scale, scale_avg, [st["log_scale_exp_avg_sq"] for st in sts],
-                   step, scale_lr, beta1, beta2, eps)
+                       step, scale_lr, beta1, beta2, eps)
             torch._foreach_clamp_min_(log_scales, LOG_SCALE_MIN)
             torch._foreach_clamp_max_(log_scales, LOG_SCALE_MAX)
 
