@@ -164,7 +164,9 @@ def run_size(millions: int, steps: int, device, only: list[str] | None = None) -
         else:
             with PeakTemporaries() as tracker:
                 step()
-            peak = tracker.peak
+            # ProxScore's eager step takes its temporaries from a workspace kept between steps
+            workspace = getattr(opt, "__dict__", {}).get("_workspace")
+            peak = tracker.peak + (workspace.nbytes if workspace is not None else 0)
         med = statistics.median(times)
         rows.append((millions, n, name, med * 1e3, med / base, med / fused, state_bytes(opt) / n, peak / n,
                      faults[name] / steps))

@@ -117,10 +117,14 @@ def test_fused_adam_equals_foreach_adam(dtype, tol, first_moments):
         return [t.abs() for t in out] if positive else out
 
     params, grads, exp_avgs, exp_avg_sqs = tensors(), tensors(), tensors(), tensors(positive=True)
+    # a transposed weight with a gradient laid out row by row: torch's kernel walks memory, not
+    # indices, so it must not be given tensors whose layouts differ
+    params[0] = params[0].t().contiguous().t()
     beta1 = 0.9 if first_moments else 0.0
     runs = []
     for fn in (F.fused_adam, F.foreach_adam):
-        copies = [[t.clone() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        copies = [[t.clone(memory_format=torch.preserve_format) for t in ts]
+                  for ts in (params, grads, exp_avgs, exp_avg_sqs)]
         for _ in range(3):
             fn(copies[0], copies[1], copies[2] if first_moments else None, copies[3], 7, 1e-2, beta1, 0.999, 1e-8)
         runs.append(copies)

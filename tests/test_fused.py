@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import median_step_times
 
-from torch_proxvi import ProxScoreOptimizer, _fused
+from torch_proxvi import ProxScoreOptimizer, _functional, _fused
 from torch_proxvi.testing import PeakTemporaries
 
 F64 = torch.float64
@@ -98,7 +98,8 @@ def peak_of_a_step(n_tensors, foreach=True, chunk=None, monkeypatch=None):
         monkeypatch.setattr(_fused, "CHUNK_NUMEL", chunk)
     with PeakTemporaries() as tracker:
         opt.step()
-    return tracker.peak
+    workspace = opt.__dict__.get("_workspace")
+    return tracker.peak + (0 if workspace is None else workspace.nbytes)
 
 
 def test_fused_temporaries_are_bounded_by_the_chunk_not_the_model(monkeypatch):
@@ -107,10 +108,78 @@ def test_fused_temporaries_are_bounded_by_the_chunk_not_the_model(monkeypatch):
     fused_twice = peak_of_a_step(16, chunk=200_000, monkeypatch=monkeypatch)
     general = peak_of_a_step(8, foreach=False)
     # the general path holds the four Monte Carlo statistics of every weight at once (>= 4x
-    # the model); the fused one a few chunk-sized (2 tensors) temporaries, whatever the size
+    # the model); the fused one a few chunk-sized temporaries, whatever the size (on the CPU a
+    # workspace kept between steps, counted here with what the step allocates)
     assert general >= 4 * model_bytes
     assert fused <= 8 * 200_000 * 4
     assert fused_twice <= fused * 1.05
+
+
+def _flat_and_foreach_runs(dtypes, monkeypatch, steps, **kw):
+    """The same run on the CPU's flat arrays and on foreach ops (the path of GPUs and DTensors)."""
+    runs = []
+    for flat in (True, False):
+        with monkeypatch.context() as m:
+            # one Adam kernel for both (torch's fused one is checked against it on its own, in
+            # tests/test_functional.py): what is compared here is the layout of the arrays
+            m.setattr(_functional, "FUSED_ADAM_DEVICES", ())
+            if not flat:
+                m.setattr(_fused, "_flat_path", lambda params, states: False)
+                m.setattr(_fused, "_sample_on_flat_arrays",
+                          lambda ps, sts, gen, chunk, ws: _fused._sample_by_foreach(ps, sts, gen, chunk))
+            g = torch.Generator().manual_seed(0)
+            # small tensors (packed), large ones (called on their own), a transposed large one
+            # (not contiguous: packed); the large ones above torch_proxvi._compiled.SMALL_NUMEL
+            shapes = [(30,), (130, 140), (7, 5), (150, 120)]
+            params = [torch.nn.Parameter(torch.randn(s, generator=g, dtype=F64).to(d)) for s, d in zip(shapes, dtypes)]
+            params.append(torch.nn.Parameter(torch.randn(140, 130, generator=g, dtype=F64).to(dtypes[0]).t()))
+            opt = ProxScoreOptimizer(params, lr=0.05, dataset_size=40, init_std=0.2,
+                                     generator=torch.Generator().manual_seed(3), **kw)
+            run(params, opt, steps=steps)
+            runs.append((params, opt))
+    return runs
+
+
+@pytest.mark.parametrize("kw", [dict(mean_update="residual"),
+                                dict(mean_update="score", prior_mean="init", betas=(0.0, 0.99), warmup_steps=1)])
+def test_flat_arrays_give_the_foreach_update_bit_for_bit(kw, monkeypatch):
+    # the same elementwise ops in the same order, so the same bits whatever the packing: the
+    # state and the samples, over steps, in float64, float32 and with bf16 weights (float32
+    # state, converted copies)
+    for dtypes in ([F64] * 4, [torch.float32] * 4, [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]):
+        (pa, oa), (pb, ob) = _flat_and_foreach_runs(dtypes, monkeypatch, steps=3, **kw)
+        assert _compiled_flat_buffers(oa), "the small tensors' state was not packed"
+        for a, b in zip(pa, pb):
+            assert a.dtype == b.dtype and oa.state[a]["mean"].dtype == (F64 if a.dtype == F64 else torch.float32)
+            assert torch.equal(a, b)
+            for k in oa.state[a]:
+                assert torch.equal(oa.state[a][k], ob.state[b][k]), k
+
+
+def _compiled_flat_buffers(opt) -> bool:
+    from torch_proxvi._compiled import flat_buffer_of
+
+    small = [st["mean"] for st in opt.state.values() if st["mean"].numel() < 1000]
+    return flat_buffer_of(small) is not None
+
+
+def test_a_cpu_step_allocates_nothing_that_grows_with_the_model():
+    # after the first step the temporaries come from the workspace: a later step allocates only
+    # scalars (step counts, flags), however large the model
+    peaks = []
+    for n in (4, 16):
+        params = [torch.nn.Parameter(torch.randn(100_000)) for _ in range(n)]
+        params += [torch.nn.Parameter(torch.randn(50)) for _ in range(n)]
+        opt = ProxScoreOptimizer(params, lr=1e-3, dataset_size=100)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        with PeakTemporaries() as tracker:
+            opt.step()
+        peaks.append(tracker.peak)
+        # the workspace: the largest call's temporaries (3 arrays of one 100k tensor here)
+        assert opt._workspace.nbytes <= 5 * 100_000 * 4
+    assert peaks[1] < 0.001 * 16 * 100_000 * 4
 
 
 def test_fused_step_is_faster_than_the_general_path():

@@ -1,9 +1,10 @@
 r"""The fused K=1 step as compiled kernels (``compiled=True``).
 
-:mod:`torch_proxvi._fused` runs the step as ~30 separate passes over memory plus torch's
+:mod:`torch_proxvi._fused` runs the step as some 20 separate passes over memory plus torch's
 generator for the noise; here the whole step (score, both Adam updates, the next sample) is one
 function compiled by ``torch.compile`` (Inductor: vectorised C++ on CPU, Triton on CUDA), so each
-weight is read and written once.
+weight is read and written once. The eager path splits a batch into calls the same way on the CPU
+(:func:`plan`, :func:`flat_state`).
 
 **Calls.** Each call costs some 50 us on the CPU and 160 us on an H100 whatever its size, so
 small tensors are not called one by one: a batch is put in a canonical order (tensors under
@@ -40,7 +41,7 @@ from ._functional import LOG_SCALE_MAX, LOG_SCALE_MIN
 from .families import gaussian
 
 __all__ = ["hash_bits", "uniforms", "hash_normal", "stream_keys", "plan", "step_kernel", "hyperparameters",
-           "compiled_step", "check_available", "flat_state", "SMALL_NUMEL"]
+           "compiled_step", "check_available", "flat_state", "flat_buffer_of", "SMALL_NUMEL"]
 
 #: tensors with fewer numbers are stepped together, packed into shared calls
 SMALL_NUMEL = 1 << 14
@@ -239,9 +240,8 @@ def flat_state(states: list[dict], indices: list[int], name: str) -> Tensor:
     (by assignment, ``load_state_dict``, new first moments) is laid out again.
     """
     views = [states[i][name] for i in indices]
-    base = views[0]._base
-    made = getattr(base, "_proxvi_views", None)
-    if made is not None and len(made) == len(views) and all(r() is v for r, v in zip(made, views)):
+    base = flat_buffer_of(views)
+    if base is not None:
         return base
     flat = _flatten_dense_tensors(views)
     views = _unflatten_dense_tensors(flat, views)
@@ -249,3 +249,12 @@ def flat_state(states: list[dict], indices: list[int], name: str) -> Tensor:
         states[i][name] = view
     flat._proxvi_views = [weakref.ref(v) for v in views]
     return flat
+
+
+def flat_buffer_of(views: list[Tensor]) -> Tensor | None:
+    """The buffer laid out by :func:`flat_state` whose views are ``views``, in this order, or None."""
+    base = views[0]._base
+    made = getattr(base, "_proxvi_views", None)
+    if made is not None and len(made) == len(views) and all(r() is v for r, v in zip(made, views)):
+        return base
+    return None

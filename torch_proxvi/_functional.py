@@ -178,12 +178,16 @@ def fused_adam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps
     ``Adam(fused=True)``: one pass over memory instead of seven. It equals :func:`foreach_adam`
     to rounding, not bit for bit, so only the fused path (:mod:`torch_proxvi._fused`) uses it; the
     general path keeps :func:`foreach_adam`, which agrees with the single-tensor reference.
-    Elsewhere, and for sharded (DTensor) or mixed-device lists, it is :func:`foreach_adam`.
+    Elsewhere, and for sharded (DTensor), mixed-device or non-contiguous lists, it is
+    :func:`foreach_adam`: the kernel walks each tensor's memory in order, so a transposed weight
+    with a gradient laid out row by row would be paired element for wrong element.
     ``grads`` must be temporaries of the caller: without first moments they stand in for them.
     """
     device = params[0].device if params else None
+    lists = (params, grads, exp_avg_sqs) + (() if exp_avgs is None else (exp_avgs,))
     if device is None or device.type not in FUSED_ADAM_DEVICES or not all(
-            p.device == device and not is_dtensor(p) for p in params):
+            p.device == device and not is_dtensor(p) for p in params) or not all(
+            t.is_contiguous() for ts in lists for t in ts):
         foreach_adam(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps)
         return
     first = grads if exp_avgs is None else exp_avgs          # beta1 = 0: the gradient itself

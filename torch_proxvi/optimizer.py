@@ -374,6 +374,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             for group, ps in batches.values():
                 _compiled.compiled_step(ps, [self.state[p] for p in ps], group, self._generator(ps[0].device))
             return
+        workspace = self.__dict__.setdefault("_workspace", _fused.Workspace())   # scratch, not pickled
         for group, ps in batches.values():
             states = [self.state[p] for p in ps]
             _fused.fused_update(
@@ -382,8 +383,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                 temperature=group["temperature"], lr=group["lr"],
                 scale_lr=group["lr"] * group["scale_lr_ratio"], betas=group["betas"], eps=group["eps"],
                 mean_update=group["mean_update"],
-                update_scale=float(states[0]["step"]) >= group["warmup_steps"])
-        _fused.sample_([p for _, p in work], [self.state[p] for _, p in work], self._generator)
+                update_scale=float(states[0]["step"]) >= group["warmup_steps"], workspace=workspace)
+        _fused.sample_([p for _, p in work], [self.state[p] for _, p in work], self._generator,
+                       workspace=workspace)
 
     def _skip(self, loss):
         self.skipped_steps += 1
