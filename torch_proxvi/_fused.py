@@ -20,8 +20,9 @@ is stepped on its own, small ones are packed together, their state living in fla
 (:func:`torch_proxvi._compiled.flat_state`) and their weights and gradients copied in. Each
 operation is then one multi-threaded pass, and the temporaries come from a :class:`Workspace`
 kept between steps: a fresh allocation each step costs the kernel's page faults, more than the
-arithmetic (docs/benchmarks.md). **Elsewhere** (accelerators, sharded DTensors) the step is
-``torch._foreach_*`` ops, chunk by chunk. Either way temporaries are bounded by the chunk
+arithmetic (docs/benchmarks.md). **Elsewhere** the step is ``torch._foreach_*`` ops, chunk by
+chunk: sharded (DTensor) parameters cannot be packed, and on accelerators, whose allocators cache
+and whose foreach ops are multi-tensor kernels, the flat path has not been measured. Either way temporaries are bounded by the chunk
 (``CHUNK_NUMEL`` numbers on the CPU, ``ACCELERATOR_CHUNK_NUMEL`` on a GPU) or one tensor if
 larger, not by the model.
 """
@@ -62,19 +63,17 @@ def _chunks(sizes: list[int], limit: int) -> list[slice]:
 
 
 class Workspace:
-    """Temporaries of the fused step, kept between steps on the CPU (one flat buffer per dtype, as
-    large as the largest call so far needed); on other devices, whose allocators cache, fresh ones."""
+    """Temporaries of the CPU's fused step, kept between steps: one flat buffer per dtype, as
+    large as the largest call so far needed."""
 
     def __init__(self) -> None:
         self._buffers: dict[torch.dtype, Tensor] = {}
 
-    def get(self, count: int, numel: int, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+    def get(self, count: int, numel: int, dtype: torch.dtype) -> list[Tensor]:
         """``count`` flat tensors of ``numel`` numbers, distinct from each other."""
-        if device.type != "cpu":
-            return list(torch.empty(count, numel, dtype=dtype, device=device).unbind())
         buffer = self._buffers.get(dtype)
         if buffer is None or buffer.numel() < count * numel:
-            buffer = self._buffers[dtype] = torch.empty(count * numel, dtype=dtype)
+            buffer = self._buffers[dtype] = torch.empty(count * numel, dtype=dtype, device="cpu")
         return list(buffer[:count * numel].view(count, numel).unbind())
 
     @property
@@ -147,11 +146,13 @@ def _adam_steps(means, log_scales, grad_mean, grad_log_scale, states, *, step, l
             torch._foreach_clamp_max_(log_scales, LOG_SCALE_MAX)
 
 
-def update_on_flat_arrays(params, grads, states, *, dataset_size, prior_precision, temperature, mean_update,
-                          chunk_numel=None, workspace: Workspace, **hyper) -> None:
-    """:func:`fused_update` on flat arrays, one call of :func:`torch_proxvi._compiled.plan` at a time."""
+def update_on_flat_arrays(params, grads, states, *, chunk_numel=None, workspace: Workspace, **hyper) -> None:
+    """:func:`fused_update` on flat arrays, one call of :func:`torch_proxvi._compiled.plan` at a
+    time. A tensor called on its own is stepped a chunk at a time, so the workspace holds six
+    chunks at most (more only for a non-contiguous tensor larger than a chunk, packed alone)."""
     dtype, device = states[0]["mean"].dtype, states[0]["mean"].device
     names = [n for n in _compiled.STATE_NAMES if n in states[0]]
+    limit = _chunk_numel(chunk_numel, device)
 
     def contiguous(i: int) -> bool:
         return params[i].is_contiguous() and grads[i].is_contiguous() and all(
@@ -159,37 +160,46 @@ def update_on_flat_arrays(params, grads, states, *, dataset_size, prior_precisio
 
     sizes = [p.numel() for p in params]
     for indices, _, packed in _compiled.plan(sizes, contiguous, device, chunk_numel):
-        numel = sum(sizes[i] for i in indices)
         if packed:
-            flat = {n: _compiled.flat_state(states, indices, n) for n in names}
-            theta, grad, score, u, var, grad_mean = workspace.get(6, numel, dtype, device)
+            theta, grad, *temporaries = workspace.get(6, sum(sizes[i] for i in indices), dtype)
             torch.cat([params[i].detach().reshape(-1) for i in indices], out=theta)
             torch.cat([grads[i].reshape(-1) for i in indices], out=grad)
-        else:
-            (i,) = indices
-            flat = {n: states[i][n].view(-1) for n in names}
-            theta, grad = params[i].detach().view(-1), grads[i].view(-1)
-            converted = [t.dtype != dtype for t in (theta, grad)]
-            score, u, var, grad_mean, *copies = workspace.get(4 + sum(converted), numel, dtype, device)
-            if converted[0]:
-                theta = copies.pop(0).copy_(theta)
-            if converted[1]:
-                grad = copies.pop(0).copy_(grad)
-        # the score s = -N g / T - prior_precision (theta - prior_mean)
-        torch.mul(grad, -dataset_size / temperature, out=score)
-        if "prior_mean" in flat:
-            score.add_(torch.sub(theta, flat["prior_mean"], out=u), alpha=-prior_precision)
-        else:
-            score.add_(theta, alpha=-prior_precision)
-        torch.sub(theta, flat["mean"], out=u)
-        torch.mul(flat["log_scale"], 2.0, out=var).exp_()           # sigma_t^2
-        if mean_update == "residual":                               # -2 (u / var + s)
-            torch.div(u, var, out=grad_mean).add_(score).mul_(-2.0)
-        else:                                                       # -2 s
-            torch.mul(score, -2.0, out=grad_mean)
-        score.mul_(u)                                               # u s
-        grad_log_scale = u.mul_(u).div_(var).add_(score).mul_(-4.0)  # -4 (u^2 / var + u s)
-        _adam_steps([flat["mean"]], [flat["log_scale"]], [grad_mean], [grad_log_scale], [flat], **hyper)
+            _update_flat({n: _compiled.flat_state(states, indices, n) for n in names}, theta, grad, temporaries,
+                         **hyper)
+            continue
+        (i,) = indices
+        arrays = {n: states[i][n].view(-1) for n in names}
+        theta, grad = params[i].detach().view(-1), grads[i].view(-1)
+        for start in range(0, sizes[i], limit):
+            piece = slice(start, start + limit)
+            inputs = [theta[piece], grad[piece]]
+            converted = [t.dtype != dtype for t in inputs]
+            temporaries = workspace.get(4 + sum(converted), inputs[0].numel(), dtype)
+            for k in (0, 1):
+                if converted[k]:
+                    inputs[k] = temporaries.pop().copy_(inputs[k])
+            _update_flat({n: a[piece] for n, a in arrays.items()}, *inputs, temporaries, **hyper)
+
+
+def _update_flat(flat: dict[str, Tensor], theta: Tensor, grad: Tensor, temporaries: list[Tensor], *,
+                 dataset_size, prior_precision, temperature, mean_update, **adam) -> None:
+    """The step of one flat piece: ``flat`` its state arrays, ``temporaries`` four free arrays."""
+    score, u, var, grad_mean = temporaries
+    # the score s = -N g / T - prior_precision (theta - prior_mean)
+    torch.mul(grad, -dataset_size / temperature, out=score)
+    if "prior_mean" in flat:
+        score.add_(torch.sub(theta, flat["prior_mean"], out=u), alpha=-prior_precision)
+    else:
+        score.add_(theta, alpha=-prior_precision)
+    torch.sub(theta, flat["mean"], out=u)
+    torch.mul(flat["log_scale"], 2.0, out=var).exp_()               # sigma_t^2
+    if mean_update == "residual":                                   # -2 (u / var + s)
+        torch.div(u, var, out=grad_mean).add_(score).mul_(-2.0)
+    else:                                                           # -2 s
+        torch.mul(score, -2.0, out=grad_mean)
+    score.mul_(u)                                                   # u s
+    grad_log_scale = u.mul_(u).div_(var).add_(score).mul_(-4.0)      # -4 (u^2 / var + u s)
+    _adam_steps([flat["mean"]], [flat["log_scale"]], [grad_mean], [grad_log_scale], [flat], **adam)
 
 
 def _update_by_foreach(params, grads, states, *, dataset_size, prior_precision, temperature, mean_update,
@@ -254,15 +264,25 @@ def _sample_on_flat_arrays(params, states, generator, chunk_numel, workspace: Wo
     for w in weights:
         normal_(w, generator)
     dtype, device = states[0]["mean"].dtype, weights[0].device
+    limit = _chunk_numel(chunk_numel, device)
 
     def contiguous(i: int) -> bool:
         return all(t.is_contiguous() for t in (weights[i], states[i]["mean"], states[i]["log_scale"]))
 
     sizes = [w.numel() for w in weights]
-    for indices, _, _ in _compiled.plan(sizes, contiguous, device, chunk_numel):
+    for indices, _, packed in _compiled.plan(sizes, contiguous, device, chunk_numel):
+        # multiply, then add, as every other path does (addcmul rounds differently)
+        if not packed:
+            (i,) = indices
+            weight, mean, log_scale = (t.view(-1) for t in (weights[i], states[i]["mean"], states[i]["log_scale"]))
+            for start in range(0, sizes[i], limit):
+                piece = slice(start, start + limit)
+                (scale,) = workspace.get(1, weight[piece].numel(), dtype)
+                weight[piece].mul_(torch.exp(log_scale[piece], out=scale)).add_(mean[piece])
+            continue
         ws, means = [weights[i] for i in indices], [states[i]["mean"] for i in indices]
         log_scales = [states[i]["log_scale"] for i in indices]
-        (scale,) = workspace.get(1, sum(sizes[i] for i in indices), dtype, device)
+        (scale,) = workspace.get(1, sum(sizes[i] for i in indices), dtype)
         scales = [s.view(w.shape) for s, w in zip(scale.split([sizes[i] for i in indices]), ws)]
         flat = _compiled.flat_buffer_of(log_scales)
         if flat is not None:
@@ -270,12 +290,8 @@ def _sample_on_flat_arrays(params, states, generator, chunk_numel, workspace: Wo
         else:
             for log_scale, s in zip(log_scales, scales):
                 torch.exp(log_scale, out=s)
-        # multiply, then add, as every other path does (addcmul rounds differently)
-        if len(ws) == 1:
-            ws[0].mul_(scales[0]).add_(means[0])
-        else:
-            torch._foreach_mul_(ws, scales)
-            torch._foreach_add_(ws, means)
+        torch._foreach_mul_(ws, scales)
+        torch._foreach_add_(ws, means)
 
 
 def _sample_by_foreach(params, states, generator, chunk_numel) -> None:

@@ -374,7 +374,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             for group, ps in batches.values():
                 _compiled.compiled_step(ps, [self.state[p] for p in ps], group, self._generator(ps[0].device))
             return
-        workspace = self.__dict__.setdefault("_workspace", _fused.Workspace())   # scratch, not pickled
+        if "_workspace" not in self.__dict__:       # scratch: not pickled, made again after loading
+            self._workspace = _fused.Workspace()
         for group, ps in batches.values():
             states = [self.state[p] for p in ps]
             _fused.fused_update(
@@ -383,9 +384,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                 temperature=group["temperature"], lr=group["lr"],
                 scale_lr=group["lr"] * group["scale_lr_ratio"], betas=group["betas"], eps=group["eps"],
                 mean_update=group["mean_update"],
-                update_scale=float(states[0]["step"]) >= group["warmup_steps"], workspace=workspace)
+                update_scale=float(states[0]["step"]) >= group["warmup_steps"], workspace=self._workspace)
         _fused.sample_([p for _, p in work], [self.state[p] for _, p in work], self._generator,
-                       workspace=workspace)
+                       workspace=self._workspace)
 
     def _skip(self, loss):
         self.skipped_steps += 1
