@@ -154,7 +154,7 @@ def test_flat_arrays_give_the_foreach_update_bit_for_bit(chunk, kw, monkeypatch)
     # state, converted copies)
     for dtypes in ([F64] * 4, [torch.float32] * 4, [torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]):
         (pa, oa), (pb, ob) = _flat_and_foreach_runs(dtypes, monkeypatch, steps=3, chunk=chunk, **kw)
-        assert _compiled_flat_buffers(oa), "the small tensors' state was not packed"
+        assert _small_state_is_packed(oa), "the small tensors' state was not packed"
         for a, b in zip(pa, pb):
             assert a.dtype == b.dtype and oa.state[a]["mean"].dtype == (F64 if a.dtype == F64 else torch.float32)
             assert torch.equal(a, b)
@@ -162,7 +162,7 @@ def test_flat_arrays_give_the_foreach_update_bit_for_bit(chunk, kw, monkeypatch)
                 assert torch.equal(oa.state[a][k], ob.state[b][k]), k
 
 
-def _compiled_flat_buffers(opt) -> bool:
+def _small_state_is_packed(opt) -> bool:
     from torch_proxvi._compiled import flat_buffer_of
 
     small = [st["mean"] for st in opt.state.values() if st["mean"].numel() < 1000]

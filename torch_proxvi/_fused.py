@@ -155,8 +155,7 @@ def update_on_flat_arrays(params, grads, states, *, chunk_numel=None, workspace:
     limit = _chunk_numel(chunk_numel, device)
 
     def contiguous(i: int) -> bool:
-        return params[i].is_contiguous() and grads[i].is_contiguous() and all(
-            states[i][n].is_contiguous() for n in names)
+        return _compiled._contiguous([params[i], grads[i], *(states[i][n] for n in names)])
 
     sizes = [p.numel() for p in params]
     for indices, _, packed in _compiled.plan(sizes, contiguous, device, chunk_numel):
@@ -267,7 +266,7 @@ def _sample_on_flat_arrays(params, states, generator, chunk_numel, workspace: Wo
     limit = _chunk_numel(chunk_numel, device)
 
     def contiguous(i: int) -> bool:
-        return all(t.is_contiguous() for t in (weights[i], states[i]["mean"], states[i]["log_scale"]))
+        return _compiled._contiguous([weights[i], states[i]["mean"], states[i]["log_scale"]])
 
     sizes = [w.numel() for w in weights]
     for indices, _, packed in _compiled.plan(sizes, contiguous, device, chunk_numel):
