@@ -40,7 +40,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "examples")]
 
 import methods  # noqa: E402
 
-from torch_proxvi import datasets, metrics  # noqa: E402
+from torch_proxvi import metrics  # noqa: E402
+from torch_proxvi.reference import datasets  # noqa: E402
 
 PLOT_PATH = HERE.parent / "docs" / "img" / "classification_reliability.png"
 OOD_PARTNER = {"mnist": "fashion_mnist", "fashion_mnist": "mnist"}

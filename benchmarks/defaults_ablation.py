@@ -19,7 +19,8 @@ import time
 import torch
 from common import evaluate, fit, mlp
 
-from torch_proxvi import ProxScoreOptimizer, datasets
+from torch_proxvi import ProxScoreOptimizer
+from torch_proxvi.reference import datasets
 
 # (epochs, batch size, hidden width) per dataset: Adam reaches its best accuracy in this budget.
 BUDGET = {"digits": (60, 64, 256), "breast_cancer": (60, 32, 64), "mnist": (10, 128, 256)}

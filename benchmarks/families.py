@@ -9,7 +9,7 @@ Families: the mean-field ``gaussian``, the ``elementwise_flow`` (sinh-arcsinh pe
 dense ``flow`` (affine + spline couplings over the group), all through ProxScoreOptimizer's
 ordinary loop (K = 1 sample per step, no closure), the lr decaying linearly to zero.
 
-* Toy targets (torch_proxvi.toy_targets): skew-normal and Student-t (1-D), banana and a bimodal
+* Toy targets (torch_proxvi.reference.toy_targets): skew-normal and Student-t (1-D), banana and a bimodal
   mixture (2-D), 3000 steps from N(start, 1).
 * The last layer of a small BNN: a 2-4-1 tanh classifier on 30 points of two moons, its
   5-weight head's posterior (prior N(0, 5^2)) against 2000 HMC draws, 3000 steps from
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from torch_proxvi import ProxScoreOptimizer
-from torch_proxvi import toy_targets as T
+from torch_proxvi.reference import toy_targets as T
 
 FAMILIES = ("gaussian", "elementwise_flow", "flow")
 LRS = {"gaussian": (0.01, 0.03, 0.1), "elementwise_flow": (0.01, 0.03, 0.1), "flow": (0.003, 0.01)}

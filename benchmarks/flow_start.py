@@ -6,7 +6,7 @@
 
 Target N(0, [[1, rho], [rho, 1]]) with rho = 0.9 (unit marginal scale); the mean-field Gaussian
 can reach at best KL = -log(1 - rho^2)/2 = 0.83 here. Each run fits ``family="flow"`` (or
-``--family``) through the ordinary loop of ``torch_proxvi.toy_targets.fit`` (K = 1, lr decaying
+``--family``) through the ordinary loop of ``torch_proxvi.reference.toy_targets.fit`` (K = 1, lr decaying
 linearly to zero; the family's defaults unless ``--scale-lr-ratio`` / ``--delay`` are given) and
 reports KL(q || p) and the Fisher divergence over 4000 draws of q. Runs are spread over
 ``--workers`` processes, one thread each.
@@ -21,7 +21,7 @@ import time
 import torch
 
 from torch_proxvi import ProxScoreOptimizer
-from torch_proxvi import toy_targets as T
+from torch_proxvi.reference import toy_targets as T
 
 RHO = 0.9
 

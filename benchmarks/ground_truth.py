@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from torch_proxvi import ProxScoreOptimizer
-from torch_proxvi.testing import fit_linear_regression, linear_regression
+from torch_proxvi.reference.testing import fit_linear_regression, linear_regression
 
 # name: (optimizer options, batch size, steps, lr, decay, closure, the test's bound)
 CASES = {

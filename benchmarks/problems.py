@@ -9,7 +9,7 @@ the log posterior ``-N * nll(theta, all) - |theta|^2 / 2``.
 Two references per problem:
 
 * ``mean``, ``cov``: the exact Gaussian posterior (linear regression) or the Gaussian fitted to
-  long-run HMC (:mod:`torch_proxvi.hmc`), the target of the dense GSM and BaM;
+  long-run HMC (:mod:`torch_proxvi.reference.hmc`), the target of the dense GSM and BaM;
 * ``mf_mean``, ``mf_var``: the mean-field projection argmin_q KL(q || p) over diagonal
   Gaussians, the common fixed point of every mean-field method here (the ELBO's stationarity
   and the Stein equations coincide). Closed form for linear regression (the mean and
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from torch_proxvi.hmc import hmc, split_rhat
-from torch_proxvi.testing import linear_regression
+from torch_proxvi.reference.hmc import hmc, split_rhat
+from torch_proxvi.reference.testing import linear_regression
 
 F64 = torch.float64
 

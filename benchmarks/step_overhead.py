@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from torch_proxvi import ADVI, ProxScoreOptimizer  # noqa: E402
-from torch_proxvi.testing import PeakTemporaries, tensors_in  # noqa: E402
+from torch_proxvi.reference.testing import PeakTemporaries, tensors_in  # noqa: E402
 
 SHAPES = {1: (128, 5), 10: (256, 13), 50: (512, 16), 86: (768, 12), 304: (1024, 24)}  # width, depth
 

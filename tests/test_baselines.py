@@ -13,7 +13,7 @@ from torch import nn
 from torch_proxvi import GSM, BaM
 from torch_proxvi.baselines.bam import bam_dense_update, bam_diagonal_update
 from torch_proxvi.baselines.gsm import gsm_dense_update, gsm_diagonal_update
-from torch_proxvi.testing import linear_regression
+from torch_proxvi.reference.testing import linear_regression
 
 F64 = torch.float64
 DENSE = {"gsm": gsm_dense_update, "bam": bam_dense_update}

@@ -71,7 +71,7 @@ def test_classification_smoke_run():
     pytest.importorskip("ivon")
     import classification
 
-    from torch_proxvi import datasets
+    from torch_proxvi.reference import datasets
 
     try:
         for name in datasets.IMAGES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from torch_proxvi import datasets
+from torch_proxvi.reference import datasets
 
 
 @pytest.mark.parametrize("name, n_train, n_features, n_classes", [("digits", 1079, 64, 10),

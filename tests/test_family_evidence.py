@@ -31,7 +31,7 @@ from __future__ import annotations
 import pytest
 
 from torch_proxvi import ProxScoreOptimizer
-from torch_proxvi import toy_targets as T
+from torch_proxvi.reference import toy_targets as T
 
 pytestmark = pytest.mark.slow
 

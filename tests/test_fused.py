@@ -8,7 +8,7 @@ import torch
 from helpers import median_step_times
 
 from torch_proxvi import ProxScoreOptimizer, _functional, _fused
-from torch_proxvi.testing import PeakTemporaries
+from torch_proxvi.reference.testing import PeakTemporaries
 
 F64 = torch.float64
 
@@ -266,7 +266,7 @@ def test_compiled_kernel_matches_its_eager_self_and_the_fused_update(mean_update
 def test_compiled_optimizer_trains_blr_and_resumes_exactly():
     import io
 
-    from torch_proxvi.testing import fit_linear_regression, linear_regression
+    from torch_proxvi.reference.testing import fit_linear_regression, linear_regression
 
     problem = linear_regression()
     _, opt, kl = fit_linear_regression(

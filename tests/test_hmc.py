@@ -1,4 +1,4 @@
-"""Tests of the HMC reference sampler ``torch_proxvi.hmc``.
+"""Tests of the HMC reference sampler ``torch_proxvi.reference.hmc``.
 
 Statistical margins. A pooled Monte Carlo estimate from draws with effective sample size ESS has standard error
 ``sd / sqrt(ESS)`` for a mean and ``sqrt((mu4 - var**2) / ESS)`` for a variance (``mu4`` the fourth central moment;
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from torch_proxvi.hmc import HMCResult, effective_sample_size, hmc, split_rhat
+from torch_proxvi.reference.hmc import HMCResult, effective_sample_size, hmc, split_rhat
 
 F64 = torch.float64
 K = 5.0  # standard errors allowed per comparison

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from torch_proxvi import ProxScoreOptimizer
-from torch_proxvi.testing import fit_linear_regression, linear_regression
+from torch_proxvi.reference.testing import fit_linear_regression, linear_regression
 
 MEAN_UPDATES = ["score", "residual"]
 

@@ -6,7 +6,7 @@ from test_inference import fit_blr
 from torch import nn
 
 from torch_proxvi import ProxScoreOptimizer
-from torch_proxvi.testing import linear_regression
+from torch_proxvi.reference.testing import linear_regression
 
 
 def quadratic_step(opt, model, target):

@@ -19,7 +19,7 @@ heuristic) and re-adapted. Sampling then uses the dual-averaged step size, fixed
 Example::
 
     >>> import torch
-    >>> from torch_proxvi.hmc import hmc, split_rhat
+    >>> from torch_proxvi.reference.hmc import hmc, split_rhat
     >>> scale = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
     >>> log_prob = lambda x: -0.5 * ((x / scale) ** 2).sum(-1)
     >>> g = torch.Generator().manual_seed(0)
