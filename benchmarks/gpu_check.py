@@ -5,8 +5,10 @@ and the bare optimizer step at ViT-B and ViT-L sizes.
     python benchmarks/gpu_check.py --smoke                 # a minute: tiny sizes, same code paths
     python benchmarks/gpu_check.py --smoke --device cpu    # checks the script where there is no GPU
 
-1. ``tests/test_cuda.py``: the CUDA update against the CPU's in float64, the compiled (Triton)
-   kernel against its eager self and the CPU's, bf16 weights, fp16 + GradScaler, exact resume.
+1. ``tests/test_cuda.py``: the CUDA update against the CPU's in float64 (the flat path on CUDA
+   against the CPU's single-tensor path too), the compiled (Triton) kernel against its eager body
+   (``torch_proxvi.kernels.dispatch.kernel_body``) and the CPU's, step temporaries bounded by
+   ``layout.ACCELERATOR_CHUNK_NUMEL``, bf16 weights, fp16 + GradScaler, exact resume.
 2. ``benchmarks/step_overhead.py --device cuda`` at 86M (ViT-B, every optimizer) and 304M
    (ViT-L, the optimizers that fit in memory together).
 3. A ViT-B/16-shaped Hugging Face ``ViTForImageClassification`` (86M parameters, random init:

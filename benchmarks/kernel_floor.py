@@ -9,9 +9,11 @@ optimizer step on that set, timed interleaved in one process, the median of ``--
 warm-up calls. glibc is told to reuse freed memory first (``step_overhead.reuse_freed_memory``),
 so Adam(foreach) runs at its fastest and no row pays for fresh pages. The rows:
 
-* the whole kernel (:func:`torch_proxvi._compiled.step_kernel`), with and without first moments;
+* the whole kernel (:func:`torch_proxvi.kernels.dispatch.compiled_kernel`: its eager body
+  :func:`~torch_proxvi.kernels.dispatch.kernel_body` compiled, as ``compiled=True`` runs it), with
+  and without first moments;
 * the kernel with the noise replaced by a constant: the update's arithmetic and memory traffic;
-* the noise alone (:func:`torch_proxvi._compiled.hash_normal` written to memory), and its parts;
+* the noise alone (:func:`torch_proxvi.kernels.noise.hash_normal` written to memory), and its parts;
 * memory traffic alone: functions that read 8 arrays and write 7 (the kernel's), or read 6 and
   write 5 (without first moments), with trivial arithmetic: the floor for that many streams;
 * Adam(foreach) and fused AdamW on the ViT-shaped set (the kernel's time is the same for one
@@ -31,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from step_overhead import SHAPES, reuse_freed_memory, vit_shaped  # noqa: E402
 
-from torch_proxvi import _compiled  # noqa: E402
+from torch_proxvi.kernels import StepHyper, dispatch, noise  # noqa: E402
 
-OPTIONS = {"cpp.dynamic_threads": True}
+OPTIONS = {"cpp.dynamic_threads": True}   # those of dispatch.compiled_kernel
 
 
 def compile_(fn):
@@ -41,36 +43,29 @@ def compile_(fn):
 
 
 def noise_hash_only(out, key):
-    out.copy_(_compiled.uniforms(_compiled.hash_bits(key, out.numel(), out.device), out.dtype)[0])
+    out.copy_(noise.uniforms(noise.hash_bits(key, out.numel(), out.device), out.dtype)[0])
 
 
 def noise_radius(out, key):          # hash, log, sqrt
-    u1, _ = _compiled.uniforms(_compiled.hash_bits(key, out.numel(), out.device), out.dtype)
+    u1, _ = noise.uniforms(noise.hash_bits(key, out.numel(), out.device), out.dtype)
     out.copy_(torch.sqrt(-2 * torch.log(u1)))
 
 
 def noise_angle(out, key):           # hash, cos
-    _, u2 = _compiled.uniforms(_compiled.hash_bits(key, out.numel(), out.device), out.dtype)
+    _, u2 = noise.uniforms(noise.hash_bits(key, out.numel(), out.device), out.dtype)
     out.copy_(torch.cos(6.283185307179586 * u2))
 
 
 def noise_whole(out, key):
-    out.copy_(_compiled.hash_normal(key, out.numel(), out.dtype, out.device))
+    out.copy_(noise.hash_normal(key, out.numel(), out.dtype, out.device))
 
 
-def kernel_without_noise(p, grad, mean, log_scale, mean_avg, mean_avg_sq, scale_avg, scale_avg_sq, hyper):
-    """:func:`_compiled.step_kernel` (score update, no prior mean) with a constant for the noise."""
-    mean_step, scale_step, beta1, beta2, eps, bias2_sqrt_inverse, score_scale, prior_precision = hyper.unbind()
-    score = grad * score_scale - prior_precision * p
-    u = p - mean
-    precision = torch.exp(-2 * log_scale)
-    grad_mean = -2 * score
-    grad_log_scale = -4 * (u * u * precision + u * score)
-    _compiled._adam(mean, grad_mean, mean_avg, mean_avg_sq, mean_step, beta1, beta2, eps, bias2_sqrt_inverse)
-    _compiled._adam(log_scale, grad_log_scale, scale_avg, scale_avg_sq, scale_step, beta1, beta2, eps,
-                    bias2_sqrt_inverse)
-    log_scale.clamp_(-30.0, 20.0)
-    p.copy_(mean + torch.exp(log_scale) * 0.5)
+def kernel_without_noise(p, grad, state, numbers, static):
+    """:func:`dispatch.kernel_body` (the same update) with a constant for the noise."""
+    h = StepHyper.from_numbers(numbers, static)
+    rule = dispatch.RULES[h.rule]
+    dispatch.update_from_sample(rule, p, grad, state, h)
+    p.copy_(rule.sample(state, 0.5))
 
 
 def streams_15(a, b, c, d, e, f, g, h):
@@ -94,12 +89,19 @@ def rows(size: int):
     log_scale.fill_(-7.0)
     for t in (m1, v1, m2, v2):
         t.zero_()
-    hyper = torch.tensor([1e-3, 1e-3, 0.9, 0.999, 1e-8, 10.0, -5e4, 1.0])
+    # the proximal rule, score update, no prior mean; Adam step 10 (1 / sqrt(1 - 0.999^10) ~ 10)
+    h = StepHyper(lr=1e-3, scale_lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, score_scale=-5e4,
+                  prior_precision=1.0, prox_weight=1.0, step=9.0)
+    numbers, static = h.numbers(torch.float32, "cpu"), h.static()
+    numbers_no_momentum = h._replace(beta1=0.0).numbers(torch.float32, "cpu")
+    state = {"mean": mean, "log_scale": log_scale, "mean_exp_avg": m1, "mean_exp_avg_sq": v1,
+             "log_scale_exp_avg": m2, "log_scale_exp_avg_sq": v2}
+    state_no_momentum = {k: v for k, v in state.items() if not k.endswith("_exp_avg")}
     key = torch.tensor(12345, dtype=torch.int64)
-    kernel = compile_(_compiled.step_kernel)
+    kernel = dispatch.compiled_kernel()
     without_noise = compile_(kernel_without_noise)
-    noise = {name: compile_(fn) for name, fn in (("hash", noise_hash_only), ("radius", noise_radius),
-                                                 ("angle", noise_angle), ("whole", noise_whole))}
+    noise_fns = {name: compile_(fn) for name, fn in (("hash", noise_hash_only), ("radius", noise_radius),
+                                                     ("angle", noise_angle), ("whole", noise_whole))}
     s15, s11 = compile_(streams_15), compile_(streams_11)
     out = torch.empty(numel)
     adam_params, fused_params = shaped, [torch.nn.Parameter(p.detach().clone()) for p in shaped]
@@ -111,14 +113,13 @@ def rows(size: int):
     return numel, {
         "Adam (foreach)": adam.step,
         "AdamW (fused)": fused.step,
-        "kernel": lambda: kernel(p, grad, mean, log_scale, m1, v1, m2, v2, None, key, hyper, False, True),
-        "kernel, betas=(0, 0.999)": lambda: kernel(p, grad, mean, log_scale, None, v1, None, v2, None, key,
-                                                    hyper, False, True),
-        "kernel without the noise": lambda: without_noise(p, grad, mean, log_scale, m1, v1, m2, v2, hyper),
-        "noise alone": lambda: noise["whole"](out, key),
-        "  hash only": lambda: noise["hash"](out, key),
-        "  hash, log, sqrt": lambda: noise["radius"](out, key),
-        "  hash, cos": lambda: noise["angle"](out, key),
+        "kernel": lambda: kernel(p, grad, state, key, numbers, static),
+        "kernel, betas=(0, 0.999)": lambda: kernel(p, grad, state_no_momentum, key, numbers_no_momentum, static),
+        "kernel without the noise": lambda: without_noise(p, grad, state, numbers, static),
+        "noise alone": lambda: noise_fns["whole"](out, key),
+        "  hash only": lambda: noise_fns["hash"](out, key),
+        "  hash, log, sqrt": lambda: noise_fns["radius"](out, key),
+        "  hash, cos": lambda: noise_fns["angle"](out, key),
         "memory: 8 reads, 7 writes": lambda: s15(*arrays),
         "memory: 6 reads, 5 writes": lambda: s11(*arrays[:6]),
     }

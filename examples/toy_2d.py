@@ -78,7 +78,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--out", default="docs/img/toy_2d.png")
     args = ap.parse_args()
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("toy_2d.py draws its figure with matplotlib: pip install matplotlib") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

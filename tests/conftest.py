@@ -11,12 +11,19 @@ accept the keyword options ``lr``, ``dataset_size`` and ``mc_samples``.
 
 from __future__ import annotations
 
-import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
+import os
 
-from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer
+# The optimizers' default path compiles where a C++ compiler exists; each kernel specialisation
+# costs ~15 s to build on 2 cores. Tests that do not choose a path run eagerly; the path axis
+# below and tests/test_paths.py choose the compiled one explicitly.
+os.environ.setdefault("TORCH_PROXVI_COMPILE", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
 
 OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
@@ -30,6 +37,18 @@ OPTIMIZERS = {
                    "flow_options": {"transforms": 1, "hidden_features": (8,)}, **kw}
     ),
     "advi": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, **kw}),
+    # the path axis (torch_proxvi.kernels.dispatch.PATHS): the entries above take the default
+    # path (flat: conftest turns compiling off); these the reference and the compiled one, the
+    # latter with its kernel body run eagerly (same calls, layout and hashed noise; no build):
+    # tests/test_paths.py checks the built kernel against that body
+    "proxscore[single]": lambda params, **kw: ProxScoreOptimizer(
+        params, **{"lr": 1e-2, "dataset_size": 64, "foreach": False, **kw}
+    ),
+    "proxscore[compiled]": lambda params, **kw: ProxScoreOptimizer(
+        params, **{"lr": 1e-2, "dataset_size": 64, "compiled": True, **kw}
+    ),
+    "advi[single]": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, "foreach": False, **kw}),
+    "advi[compiled]": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, "compiled": True, **kw}),
     "gsm": lambda params, **kw: GSM(params, **{"lr": 0.3, "dataset_size": 64, **kw}),
     "bam": lambda params, **kw: BaM(params, **{"lr": 1.0, "dataset_size": 64, **kw}),
 }
@@ -38,6 +57,8 @@ OPTIMIZERS = {
 # step of the order of the posterior std (1e-3 at init), so they need a larger value.
 SMALL_LR = {"proxscore": 1e-5, "proxscore_elementwise_flow": 1e-5, "proxscore_flow": 1e-5,
             "advi": 1e-5, "gsm": 1e-2, "bam": 1e-2}
+SMALL_LR.update({f"{name}[{path}]": SMALL_LR[name]
+                 for name in ("proxscore", "advi") for path in ("single", "compiled")})
 # Families that model a whole group jointly refuse a step where only some of its parameters got
 # a gradient (there is no marginal to update): the contract tests check that refusal instead.
 JOINT = {"proxscore_flow"}
@@ -101,6 +122,12 @@ def assert_same_state(before: dict, after: dict) -> None:
 @pytest.fixture(params=list(OPTIMIZERS), ids=list(OPTIMIZERS))
 def make_opt(request):
     """``make_opt(params, **overrides)`` for each optimizer of the contract table."""
+    if request.param.endswith("[compiled]"):
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        from torch_proxvi.kernels import dispatch
+
+        monkeypatch.setattr(dispatch, "compiled_kernel", lambda: dispatch.kernel_body)
+        monkeypatch.setattr(dispatch, "compiler_available", lambda device_type: True)
     return OPTIMIZERS[request.param]
 
 
@@ -133,3 +160,14 @@ def state_snapshot():
 @pytest.fixture(scope="session")
 def same_state():
     return assert_same_state
+
+
+@pytest.fixture
+def fake_fashion_mnist(tmp_path, monkeypatch):
+    """Generated Fashion-MNIST IDX files (600 training, 100 test images of noise) that the loader finds
+    through $TORCH_PROXVI_FASHION_MNIST: no test needs the Debian package dataset-fashion-mnist."""
+    from torch_proxvi.reference import datasets
+
+    directory = datasets.write_fake_fashion_mnist(tmp_path / "fashion-mnist", n_train=600, n_test=100)
+    monkeypatch.setenv(datasets.FASHION_MNIST_ENV, str(directory))
+    return directory

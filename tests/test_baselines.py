@@ -146,7 +146,7 @@ def test_dense_optimizer_recovers_the_exact_blr_posterior(cls, lr):
     problem, model, opt, _ = fit_blr_dense(cls, lr)
     design = torch.cat([problem.x, torch.ones(len(problem.x), 1, dtype=F64)], 1)
     prec = design.T @ design / problem.noise_std**2 + problem.prior_precision * torch.eye(6, dtype=F64)
-    mean, cov = opt._joint([model.weight, model.bias])
+    mean, cov = opt._family(opt.param_groups[0])._joint([opt.state[model.weight], opt.state[model.bias]])
     assert gaussian_kl(mean, cov, problem.mean, torch.linalg.inv(prec)) < 1e-6
     std = torch.cat([opt.posterior_std(p).flatten() for p in (model.weight, model.bias)])
     torch.testing.assert_close(std, torch.linalg.inv(prec).diagonal().sqrt(), rtol=1e-3, atol=0)

@@ -1,5 +1,8 @@
 """The optimizer on a CUDA device: the same update as on the CPU, the compiled (Triton) kernel
-against its eager self and against the CPU's, mixed precision with GradScaler, exact resume.
+(:func:`torch_proxvi.kernels.dispatch.compiled_kernel`) against its eager body
+(:func:`~torch_proxvi.kernels.dispatch.kernel_body`) and against the CPU's, the flat path on CUDA
+against the CPU's single-tensor path, step temporaries bounded by the accelerator's chunk, mixed
+precision with GradScaler, exact resume.
 
 Skipped where no CUDA device is present (CI has none); ``benchmarks/gpu_check.py`` runs this
 file first on a GPU machine.
@@ -14,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_proxvi import ProxScoreOptimizer
+from torch_proxvi.kernels import dispatch, layout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -69,18 +73,22 @@ def test_the_cuda_update_equals_the_cpu_update_in_float64(foreach, kw):
 @pytest.mark.parametrize("kw", [dict(), dict(mean_update="residual", betas=(0.0, 0.99), prior_mean="init")])
 def test_compiled_triton_kernel_matches_eager_and_the_cpu_kernel(kw, monkeypatch):
     # compiled=True draws its noise from a counter-based hash of (seed, index), the same stream on
-    # every device: Triton on CUDA, the uncompiled kernel on CUDA and on the CPU must all give the
-    # same weights and state (one CPU generator supplies every run's per-step seeds).
-    from torch_proxvi import _compiled
+    # every device: Triton on CUDA, the kernel's eager body (dispatch.kernel_body) on CUDA and on
+    # the CPU must all give the same weights and state (one CPU generator supplies every run's
+    # per-step seeds).
+    if not dispatch.compiler_available("cuda"):
+        pytest.skip("no Triton here: torch.compile cannot build the CUDA kernel")
 
     def run(params, eager):
-        opt = ProxScoreOptimizer(params, lr=0.05, dataset_size=40, init_std=0.2, compiled=True, **kw)
-        seeds = torch.Generator().manual_seed(5)
-        opt._generator = lambda device: seeds
         g = torch.Generator().manual_seed(1)
         with monkeypatch.context() as m:
-            if eager:
-                m.setattr(_compiled, "_kernel", lambda: _compiled.step_kernel)
+            if eager:   # the compiled path with its kernel body run eagerly (no build, no compiler needed)
+                m.setattr(dispatch, "compiled_kernel", lambda: dispatch.kernel_body)
+                m.setattr(dispatch, "compiler_available", lambda device_type: True)
+            opt = ProxScoreOptimizer(params, lr=0.05, dataset_size=40, init_std=0.2, compiled=True, **kw)
+            assert opt._path(opt.param_groups[0]) == "compiled"
+            seeds = torch.Generator().manual_seed(5)
+            opt._generator = lambda device: seeds
             for _ in range(3):
                 for p in params:
                     p.grad = (torch.randn(p.shape, generator=g, dtype=F64) * 0.3).to(p.device)
@@ -93,6 +101,9 @@ def test_compiled_triton_kernel_matches_eager_and_the_cpu_kernel(kw, monkeypatch
     cpu, gpu = twin_params(shapes)
     _, gpu_eager = twin_params(shapes)
     ref, eager, compiled = run(cpu, eager=True), run(gpu_eager, eager=True), run(gpu, eager=False)
+    # a kernel that failed to build falls back to its eager body (with a notice): then this test
+    # would compare the eager body with itself
+    assert "cuda" not in dispatch._failed, "the Triton kernel failed to build and ran eagerly"
     for a, b, c in zip(cpu, gpu_eager, gpu):
         torch.testing.assert_close(c.detach(), b.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(c.detach().cpu(), a.detach(), rtol=1e-10, atol=1e-10)
@@ -189,13 +200,12 @@ def test_predictive_on_cuda_is_repeatable_and_leaves_the_sample():
     assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
 
 
-def test_fused_step_temporaries_on_cuda_are_bounded_by_the_chunk_not_the_model():
-    # 64M weights in 16 tensors: the step's peak allocation is a few chunk-sized temporaries
-    # (ACCELERATOR_CHUNK_NUMEL numbers each), far below the model's size
-    from torch_proxvi import _fused
-
-    params = [torch.nn.Parameter(torch.randn(4_000_000, device=CUDA)) for _ in range(16)]
-    opt = ProxScoreOptimizer(params, lr=1e-3, dataset_size=100)
+def peak_of_a_step(n_tensors, path):
+    """The allocator's peak during a step of ``n_tensors`` 4M-number float32 tensors, beyond what
+    was allocated before it (the state is made, and the packed state laid out, by a first step)."""
+    params = [torch.nn.Parameter(torch.randn(4_000_000, device=CUDA)) for _ in range(n_tensors)]
+    opt = ProxScoreOptimizer(params, lr=1e-3, dataset_size=100, compiled=path == "compiled")
+    assert opt._path(opt.param_groups[0]) == path
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -205,30 +215,47 @@ def test_fused_step_temporaries_on_cuda_are_bounded_by_the_chunk_not_the_model()
     opt.step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
-    chunk_bytes, model_bytes = _fused.ACCELERATOR_CHUNK_NUMEL * 4, 64_000_000 * 4
-    # the general path holds four statistics per weight (4x the model); the fused path at most
-    # six chunk-sized temporaries, half of that here and the same for any larger model
-    assert peak <= 6 * chunk_bytes <= 2 * model_bytes, (peak, chunk_bytes)
+    del params, opt
+    torch.cuda.empty_cache()
+    return peak
 
 
+@pytest.mark.parametrize("path", ["flat", "compiled"])
+def test_step_temporaries_on_cuda_are_bounded_by_the_chunk_not_the_model(path):
+    # 64M and 128M weights in 4M tensors: on CUDA every tensor is packed into calls of up to
+    # ACCELERATOR_CHUNK_NUMEL numbers, so the step's peak allocation is a few chunk-sized
+    # temporaries, the same for twice the model (the single-tensor path holds four statistics
+    # per weight, four times the model)
+    if path == "compiled" and not dispatch.compiler_available("cuda"):
+        pytest.skip("no Triton here: torch.compile cannot build the CUDA kernel")
+    chunk_bytes = layout.ACCELERATOR_CHUNK_NUMEL * 4
+    peak, peak_twice = peak_of_a_step(16, path), peak_of_a_step(32, path)
+    assert peak_twice <= peak * 1.05 + 2**22, (peak, peak_twice)
+    if path == "flat":
+        # the eager functions: the packed weights and gradients, the score's four statistics, the
+        # Adam temporaries and the sample (13 chunks, measured with PeakTemporaries on the CPU
+        # with the accelerator's layout)
+        assert peak <= 16 * chunk_bytes, (peak, chunk_bytes)
+    else:
+        # one Triton kernel: little beyond the packed weights and gradients
+        assert "cuda" not in dispatch._failed, "the Triton kernel failed to build and ran eagerly"
+        assert peak <= 6 * chunk_bytes, (peak, chunk_bytes)
+
+
+@pytest.mark.parametrize("chunk", [None, 5000], ids=["one-call", "pieces"])
 @pytest.mark.parametrize("first_moments", [True, False])
-def test_the_fused_adam_kernel_on_cuda_gives_the_cpu_update(first_moments, monkeypatch):
-    # torch's fused Adam runs the CPU's Adam steps (_functional.FUSED_ADAM_DEVICES); on CUDA it
-    # waits for this check. Switched on, the fused-path step on CUDA must equal the CPU's in
-    # float64, as the foreach version does (the first test, whose pattern this follows).
-    from torch_proxvi import _functional
-
-    monkeypatch.setattr(_functional, "FUSED_ADAM_DEVICES", ("cpu", "cuda"))
-    devices = []
-    fused_adam = torch._fused_adam_
-
-    def counted(*args, **kwargs):
-        devices.append(args[0][0].device.type)
-        return fused_adam(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_fused_adam_", counted)
-    cpu, gpu = twin_params()
-    opts = [ProxScoreOptimizer(ps, lr=0.05, dataset_size=40, init_std=0.2,
-                               betas=(0.9 if first_moments else 0.0, 0.999)) for ps in (cpu, gpu)]
+def test_the_cuda_flat_path_gives_the_cpu_single_path_update(first_moments, chunk, monkeypatch):
+    # The flat path on CUDA packs every tensor into flat buffers (with chunk=5000 the (200, 100)
+    # tensor is stepped in pieces instead); the CPU's single path steps each tensor as it is. For
+    # the same gradients the state must agree to rounding in float64 after every step (the noise
+    # is excluded: steps_agree gives the CPU copy the CUDA sample before each step).
+    if chunk is not None:
+        monkeypatch.setattr(layout, "ACCELERATOR_CHUNK_NUMEL", chunk)
+    cpu, gpu = twin_params(((16, 8), (8,), (200, 100), (3, 5, 7)))
+    kw = dict(lr=0.05, dataset_size=40, init_std=0.2, betas=(0.9 if first_moments else 0.0, 0.999))
+    opts = [ProxScoreOptimizer(cpu, foreach=False, **kw), ProxScoreOptimizer(gpu, compiled=False, **kw)]
+    assert [o._path(o.param_groups[0]) for o in opts] == ["single", "flat"]
     steps_agree(cpu, gpu, opts, steps=3)
-    assert {"cpu", "cuda"} <= set(devices)
+    assert all(("mean_exp_avg" in opts[1].state[b]) == first_moments for b in gpu)
+    for b in gpu:                           # and a fresh sample was written on the device
+        assert not torch.equal(b.detach(), opts[1].state[b]["mean"])

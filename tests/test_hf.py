@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", reason="transformers is missing (the dev extra has it): "
+                                   "pip install transformers accelerate")
 
 from transformers import (  # noqa: E402
     Trainer,

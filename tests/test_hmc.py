@@ -2,12 +2,13 @@
 
 Statistical margins. A pooled Monte Carlo estimate from draws with effective sample size ESS has standard error
 ``sd / sqrt(ESS)`` for a mean and ``sqrt((mu4 - var**2) / ESS)`` for a variance (``mu4`` the fourth central moment;
-for a Gaussian covariance entry ``sqrt((S_ii S_jj + S_ij**2) / ESS)``). Each test assumes conservative ESS floors
-(fractions of the number of draws n, at most about 2/3 of the smallest ESS / n seen over 10 other seeds) and *checks*
-them with ``effective_sample_size`` on the very functionals it tests (x for means; squared deviations or products,
-whose ESS is typically several times lower under HMC, for second moments); every comparison then allows 5 standard
-errors (two-sided false-alarm rate ~6e-7 per comparison, still < 1e-4 over all comparisons in this file). The seeds
-are fixed, so the tests are deterministic; the margins say that a correct sampler passes for essentially any seed.
+for a Gaussian covariance entry ``sqrt((S_ii S_jj + S_ij**2) / ESS)``). Each test computes ESS with
+``effective_sample_size`` on the very functionals it tests (x for means; squared deviations or products for second
+moments) and uses that run's own ESS in the SE (over seeds 100-119, z = error / SE was ~N(0, 1): sd 1.05, max |z| 3.67
+over 760 values); ESS floors (mixing checks) sit several times below the smallest ESS / n over those seeds, since a
+fixed seed takes a different path on another CPU. Every comparison allows 5 standard errors (two-sided
+false-alarm rate ~6e-7 per comparison, still < 1e-4 over all comparisons in this file). The seeds are fixed, so
+the tests are deterministic; the margins say that a correct sampler passes for essentially any seed.
 """
 
 from __future__ import annotations
@@ -30,11 +31,6 @@ def _gen(seed: int) -> torch.Generator:
 
 def _pooled(samples: torch.Tensor) -> torch.Tensor:
     return samples.reshape(-1, samples.shape[-1])
-
-
-def _assert_ess_floor(samples: torch.Tensor, floor: float) -> None:
-    ess = effective_sample_size(samples)
-    assert (ess >= floor).all(), f"ESS {ess.tolist()} below the assumed floor {floor}"
 
 
 def _ar1(phi: float, chains: int, draws: int, dim: int, seed: int) -> torch.Tensor:
@@ -70,21 +66,23 @@ def test_correlated_gaussian_moments_and_acceptance():
     assert res.samples.shape == (64, 400, 5) and res.samples.dtype == F64
     # Not an MC margin: the dual-averaged step size sits below this target's acceptance cliff, so the rate exceeds
     # target_accept = 0.8 (0.931 here, 0.92 .. 0.946 over 5 seeds).
-    assert 0.6 <= res.accept_rate <= 0.95
+    # Acceptance over seeds 100-119: 0.880 .. 0.945 (seed 113 lowest); bounds 0.80 .. 0.99.
+    assert 0.80 <= res.accept_rate <= 0.99
     assert res.divergences == 0
     assert (split_rhat(res.samples) < 1.05).all()
 
     x = _pooled(res.samples)
     n = x.shape[0]
-    floor_mean, floor_cov = n / 8, n / 8  # smallest ESS / n over 10 other seeds: 0.19 and 0.31
+    # Smallest ESS / n over seeds 100-119: 0.185 (x) and 0.245 (products), both seed 113; floors n / 20.
     d = res.samples - mean
-    _assert_ess_floor(res.samples, floor_mean)
-    _assert_ess_floor((d[..., :, None] * d[..., None, :]).flatten(-2), floor_cov)
+    ess_mean = effective_sample_size(res.samples)
+    ess_cov = effective_sample_size((d[..., :, None] * d[..., None, :]).flatten(-2)).reshape(5, 5)
+    assert (ess_mean >= n / 20).all() and (ess_cov >= n / 20).all(), (ess_mean, ess_cov)
 
-    se_mean = (cov.diagonal() / floor_mean).sqrt()  # 5 SE = 8.8% of a marginal sd
+    se_mean = (cov.diagonal() / ess_mean).sqrt()  # SEs from this run's own ESS
     assert ((x.mean(0) - mean).abs() <= K * se_mean).all()
     sample_cov = torch.cov(x.T)
-    se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / floor_cov).sqrt()  # 5 SE: 12.5% of a var
+    se_cov = ((cov.diagonal()[:, None] * cov.diagonal()[None, :] + cov**2) / ess_cov).sqrt()
     assert ((sample_cov - cov).abs() <= K * se_cov).all(), (sample_cov - cov) / se_cov
 
 
@@ -97,7 +95,8 @@ def test_badly_scaled_diagonal_gaussian_adapts_mass_and_recovers_stds():
 
     res = hmc(log_prob, torch.zeros(32, 6, dtype=F64), num_samples=300, warmup=400, num_leapfrog=10, generator=_gen(2))
     assert res.divergences == 0
-    assert 0.6 <= res.accept_rate <= 0.95
+    # Acceptance over seeds 100-119: 0.826 .. 0.892; bounds 0.75 .. 0.99.
+    assert 0.75 <= res.accept_rate <= 0.99
     # inverse_mass = pooled variance over the last warm-up window (iterations 200..340 of 400 here: 140 x 32 = 4480
     # draws). With ESS >= 4480 / 10 = 448 (the floor of (x - mean)^2 below) its relative SE is sqrt(2 / 448) = 6.7%,
     # so 5 SE = 33%; the shrinkage towards 1e-3 adds 1e-3 * 5 / 4485 = 1.1e-6, i.e. +1.1% of the smallest variance.
@@ -105,12 +104,13 @@ def test_badly_scaled_diagonal_gaussian_adapts_mass_and_recovers_stds():
     assert ((ratio > 0.65) & (ratio < 1.35)).all(), ratio
 
     x = _pooled(res.samples)
-    floor_mean, floor_sq = x.shape[0] / 4, x.shape[0] / 10  # smallest ESS / n over 10 other seeds: 1.05 and 0.25
-    _assert_ess_floor(res.samples, floor_mean)
-    _assert_ess_floor((res.samples - mean) ** 2, floor_sq)
-    assert ((x.mean(0) - mean).abs() <= K * std / math.sqrt(floor_mean)).all()
-    # The relative SE of a Gaussian sample std is sqrt(1 / (2 ESS)): 5 SE = 11.4% here.
-    assert ((x.std(0) / std - 1.0).abs() <= K / math.sqrt(2 * floor_sq)).all(), x.std(0) / std
+    # Smallest ESS / n over seeds 100-119: 0.757 (x) and 0.186 ((x - mean)^2), seed 112; floors n / 10 and n / 20.
+    n = x.shape[0]
+    ess_mean, ess_sq = effective_sample_size(res.samples), effective_sample_size((res.samples - mean) ** 2)
+    assert (ess_mean >= n / 10).all() and (ess_sq >= n / 20).all(), (ess_mean, ess_sq)
+    assert ((x.mean(0) - mean).abs() <= K * std / ess_mean.sqrt()).all()
+    # SE of a Gaussian sample variance: var * sqrt(2 / ESS), ESS of (x - mean)^2 from this run.
+    assert ((x.var(0) - std**2).abs() <= K * std**2 * (2 / ess_sq).sqrt()).all(), x.std(0) / std
 
 
 def test_non_gaussian_log_gamma_and_bimodal_mixture():
@@ -137,13 +137,13 @@ def test_non_gaussian_log_gamma_and_bimodal_mixture():
     res = hmc(log_prob, torch.zeros(128, 2, dtype=F64), num_samples=300, warmup=300, num_leapfrog=10, generator=_gen(3))
     assert res.divergences == 0
     x = _pooled(res.samples)
-    # Mode switching makes the mixture coordinate mix slowly: assume only ESS >= n / 13 (smallest ESS / n over 10
-    # other seeds: 0.116), checked below. 5 SE = 9.2% of a marginal sd on the means, 16% / 9.3% on the variances.
-    floor = x.shape[0] / 13
-    _assert_ess_floor(res.samples, floor)
-    _assert_ess_floor((res.samples - mean) ** 2, floor)
-    assert ((x.mean(0) - mean).abs() <= K * (var / floor).sqrt()).all(), (x.mean(0), mean)
-    assert ((x.var(0) - var).abs() <= K * ((mu4 - var**2) / floor).sqrt()).all(), (x.var(0), var)
+    # Mode switching makes the mixture coordinate mix slowly. Smallest ESS / n over seeds 100-119: 0.095 (x) and
+    # 0.095 ((x - mean)^2), seed 110; an Intel Xeon took seed 3 to 0.0625. Floor n / 40; SEs from the own ESS.
+    n = x.shape[0]
+    ess_mean, ess_sq = effective_sample_size(res.samples), effective_sample_size((res.samples - mean) ** 2)
+    assert (ess_mean >= n / 40).all() and (ess_sq >= n / 40).all(), (ess_mean, ess_sq)
+    assert ((x.mean(0) - mean).abs() <= K * (var / ess_mean).sqrt()).all(), (x.mean(0), mean)
+    assert ((x.var(0) - var).abs() <= K * ((mu4 - var**2) / ess_sq).sqrt()).all(), (x.var(0), var)
     assert (split_rhat(res.samples) < 1.05).all()
 
 
@@ -159,13 +159,13 @@ def test_hard_boundary_is_rejected_as_divergence():
     mean, var = math.sqrt(2 / math.pi), 1 - 2 / math.pi
     # Central 4th moment: E(x-m)^4 = E x^4 - 4 m E x^3 + 6 m^2 E x^2 - 3 m^4 with E x^2 = 1, E x^3 = 2 m, E x^4 = 3.
     mu4 = 3 - 8 * mean**2 + 6 * mean**2 - 3 * mean**4
-    # Rejections at the wall slow mixing: smallest ESS / n over 10 other seeds 0.19. 5 SE: 0.034 on the mean 0.80,
-    # 0.034 on the variance 0.36.
-    floor = x.numel() / 8
-    _assert_ess_floor(res.samples, floor)
-    _assert_ess_floor((res.samples - mean) ** 2, floor)
-    assert abs(x.mean().item() - mean) <= K * math.sqrt(var / floor)
-    assert abs(x.var().item() - var) <= K * math.sqrt((mu4 - var**2) / floor)
+    # Rejections at the wall slow mixing: smallest ESS / n over seeds 100-119: 0.174 (x), 0.219 ((x - mean)^2),
+    # seed 118; floor n / 20. SEs from the own ESS.
+    ess_mean = effective_sample_size(res.samples).item()
+    ess_sq = effective_sample_size((res.samples - mean) ** 2).item()
+    assert ess_mean >= x.numel() / 20 and ess_sq >= x.numel() / 20, (ess_mean, ess_sq)
+    assert abs(x.mean().item() - mean) <= K * math.sqrt(var / ess_mean)
+    assert abs(x.var().item() - var) <= K * math.sqrt((mu4 - var**2) / ess_sq)
 
 
 def test_leapfrog_is_second_order():

@@ -40,10 +40,52 @@ def test_blr_full_batch_recovers_optimal_mean_field(mean_update):
     assert kl <= 0.05, kl
 
 
+def blr_polyak_average(mean_update, seed=0, batch_size=64, steps=16000, decay=2000, window=8000):
+    """Mini-batch ProxScore on the closed-form BLR problem, with the posterior mean and log-std
+    averaged over the last ``window`` steps. Returns ``(problem, mean_avg, std_avg)``."""
+    problem = linear_regression()
+    n = len(problem.x)
+    torch.manual_seed(seed)
+    model = nn.Linear(problem.x.shape[1], 1).double()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=n, mean_update=mean_update,
+                             prior_precision=problem.prior_precision, init_std=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 / (1 + t / decay))
+    g = torch.Generator().manual_seed(seed)
+    params = [model.weight, model.bias]
+    mean_sum = torch.zeros(len(problem.mean), dtype=torch.float64)
+    log_std_sum = torch.zeros_like(mean_sum)
+    for t in range(steps):
+        idx = torch.randperm(n, generator=g)[:batch_size]
+        opt.zero_grad()
+        problem.loss(model(problem.x[idx]), problem.y[idx]).backward()
+        opt.step()
+        sched.step()
+        if t >= steps - window:
+            mean_sum += torch.cat([opt.posterior_mean(p).flatten() for p in params])
+            log_std_sum += torch.cat([opt.posterior_std(p).flatten() for p in params]).log()
+    return problem, mean_sum / window, (log_std_sum / window).exp()
+
+
+def assert_matches_optimal_mean_field(problem, mean, std):
+    std_opt = problem.precision_diag.rsqrt()
+    log_std_error = (std / std_opt).log().abs().max()
+    mean_error = ((mean - problem.mean) / std_opt).abs().max()
+    assert log_std_error <= 0.05, log_std_error
+    assert mean_error <= 0.09, mean_error
+
+
 @pytest.mark.parametrize("mean_update", MEAN_UPDATES)
 def test_blr_minibatch_noise_does_not_bias_the_solution(mean_update):
-    kl, _, _ = fit_blr(mean_update, batch_size=64, steps=8000, lr=1e-2, decay=500)
-    assert kl <= 0.5, kl
+    # Batch 64 of n = 200: the gradient noise must not bias the fixed point. The last iterate
+    # still jitters, so the posterior mean and log-std are Polyak-averaged over the last 8000 of
+    # 16000 steps (lr 1e-2 / (1 + t / 2000): with the faster decay of 500 the slowest std still
+    # drifts ~5% high at step 8000, slow convergence that a 10% check cannot tell from bias).
+    # Seeds 0-11, both parametrisations: max_i |log(std_avg / std_opt)| <= 0.024 and
+    # max_i |mean_avg - mean_opt| / std_opt <= 0.048. The bounds, 0.05 and 0.09, sit about twice
+    # above those and below log(1.1) = 0.095: scaling the averaged std by 0.9 or by 1.1 fails
+    # the std check for every one of those 24 runs (smallest error then: 0.097).
+    problem, mean, std = blr_polyak_average(mean_update)
+    assert_matches_optimal_mean_field(problem, mean, std)
 
 
 def logistic_problem(n=300, d=3, seed=0):

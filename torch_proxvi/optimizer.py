@@ -1,8 +1,8 @@
 r"""ProxScoreOptimizer: Bayesian training as a drop-in ``torch.optim.Optimizer``.
 
-This file holds validation, parameter groups, the step's bookkeeping and the sampling contexts.
-The update math is in :mod:`torch_proxvi._functional`, the family's storage in
-:mod:`torch_proxvi.families.gaussian`.
+This file holds validation, parameter groups, the step's bookkeeping and the sampling contexts;
+no math. The update math is in :mod:`torch_proxvi.kernels` (the Gaussian's) and the families
+(:mod:`torch_proxvi.families`), which the step reaches only through the family protocol.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _compiled, _fused, families
-from . import _functional as F
+from . import families, kernels
 from ._checkpoint import Checkpointing
 from ._posterior_access import PosteriorAccess
 from ._validation import _REQUIRED, check_joint, check_sparse, gradients_finite, scores_finite, validate_group
@@ -64,6 +63,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             ``"elementwise_flow"`` (a sinh-arcsinh transform per weight: skew and tails, for
             whole networks) or ``"flow"`` (a dense spline flow from zuko over a small group, e.g.
             a classifier head); see :mod:`torch_proxvi.families` and docs/api.md.
+        rule: the family's update; None takes its default. The Gaussian has ``"proximal"``
+            (proximal score matching, the default) and ``"elbo"`` (the reparameterised ELBO:
+            :class:`~torch_proxvi.ADVI`).
         init_std: initial posterior standard deviation of every weight.
         mc_samples: K, samples per step when ``step`` gets a closure.
         inner_steps: Adam steps on the proximal objective per ``step``.
@@ -88,12 +90,17 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             global RNG at construction, so ``torch.manual_seed`` makes runs repeatable; under
             ``torch.distributed`` rank 0's seed is broadcast, so every rank draws the same
             sample and, with DDP's averaged gradients, keeps the same state).
-        foreach: use the multi-tensor update (default True).
-        compiled: run the common step (no closure, ``inner_steps=1``) as a kernel compiled by
-            ``torch.compile`` (Inductor; needs a C++ compiler on CPU, Triton on CUDA), small
-            tensors packed into shared calls. Several times faster; the first steps compile (seconds), and
-            the sample noise comes from an in-kernel counter-based hash instead of torch's
-            generator (still repeatable and saved in ``state_dict``).
+        foreach: False runs the single-tensor reference step (slow; for checking). The default
+            (None or True) runs the fast path: packed flat buffers, compiled when ``compiled``
+            allows.
+        compiled: run the common step (no closure) as kernels compiled by ``torch.compile``
+            (Inductor: a C++ compiler on CPU, Triton on CUDA), small tensors packed into shared
+            calls. None (default): compile where a compiler is available, else run eagerly with
+            a one-line notice (``TORCH_PROXVI_COMPILE=0`` in the environment turns the default
+            off); True: require it; False: never. The first compiled step builds the kernel
+            (docs/api.md gives the cost); the sample noise then comes from an in-kernel
+            counter-based hash instead of torch's generator (repeatable, saved in ``state_dict``).
+        **options: group keys a family adds (e.g. ``covariance`` of the GSM and BaM families).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -117,6 +124,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         prior_precision: float = 1.0,
         prior_mean: str = "zero",
         family: str = "gaussian",
+        rule: str | None = None,
         init_std: float = 1e-3,
         mc_samples: int = 1,
         inner_steps: int = 1,
@@ -130,18 +138,27 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         flow_options: dict | None = None,
         generator: torch.Generator | None = None,
         foreach: bool | None = None,
-        compiled: bool = False,
+        compiled: bool | None = None,
+        **options: Any,
     ):
+        declared = {k for name in families.names() for k in families.get(name).options}
+        for key in options:
+            if key not in declared:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
+        for name, value in (("foreach", foreach), ("compiled", compiled)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"Invalid {name}: {value!r} (True, False or None)")
+        if compiled and foreach is False:
+            raise ValueError("Invalid compiled=True with foreach=False: compiled=True runs the packed fast step, "
+                             "foreach=False the single-tensor reference; choose one")
         defaults = dict(
             lr=lr, dataset_size=dataset_size, prior_precision=prior_precision,
-            prior_mean=prior_mean, family=family, init_std=init_std, mc_samples=mc_samples,
+            prior_mean=prior_mean, family=family, rule=rule, init_std=init_std, mc_samples=mc_samples,
             inner_steps=inner_steps, prox_weight=prox_weight, betas=betas, eps=eps,
             temperature=temperature, mean_update=mean_update, scale_lr_ratio=scale_lr_ratio,
-            warmup_steps=warmup_steps, flow_options=flow_options,
+            warmup_steps=warmup_steps, flow_options=flow_options, **options,
         )
-        defaults.update(self._extra_defaults())
-        self.foreach = True if foreach is None else bool(foreach)
-        self.compiled = bool(compiled)
+        self.foreach = foreach is not False
         self.skipped_steps = 0
         self._mode = "train"
         self._held: dict[Tensor, Tensor] = {}
@@ -152,25 +169,15 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             self._seed = _shared_seed(int(torch.randint(0, 2**62, (1,)).item()))
             self._generators = {}
         super().__init__(params, defaults)
-        if self.compiled:
-            _compiled.check_available([p for g in self.param_groups for p in g["params"]])
+        devices = {p.device.type for g in self.param_groups for p in g["params"]}
+        self.compiled = self.foreach and kernels.resolve_compiled(compiled, devices)
 
     # ------------------------------------------------------------------ groups and state
-    #: the families a subclass supports (None: every registered family)
-    _families: tuple[str, ...] | None = None
-
-    def _extra_defaults(self) -> dict[str, Any]:
-        """Group keys a subclass adds (set as attributes before ``__init__`` runs)."""
-        return {}
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
             validate_group(group)
-            if self._families is not None and group["family"] not in self._families:
-                raise ValueError(f"Invalid family: {group['family']!r} ({type(self).__name__} "
-                                 f"supports {self._families}; use ProxScoreOptimizer for the others)")
             self._family(group).validate(group)
         except (TypeError, ValueError, ImportError):
             self.param_groups.pop()
@@ -203,12 +210,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
     def _state(self, p: Tensor, group: dict) -> dict[str, Tensor]:
         state = self.state[p]
         if "step" not in state:
-            self._init_state(state, p, group)
+            self._family(group).init_state(state, p, group)
         return state
-
-    def _init_state(self, state: dict, p: Tensor, group: dict) -> None:
-        """Fill the state of ``p`` at its first step (the family's storage)."""
-        self._family(group).init_state(state, p, group)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -218,11 +221,11 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             self._generators[key] = g
         return self._generators[key]
 
-    @property
-    def _compile_option(self) -> dict[str, bool]:
-        """``compiled=True`` for the families' ``sample`` / ``update`` (only when set, so that a
-        family written without the keyword keeps working)."""
-        return {"compiled": True} if self.compiled else {}
+    def _path(self, group: dict) -> str:
+        """How the family runs the common step (:data:`torch_proxvi.kernels.PATHS`)."""
+        if not self.foreach:
+            return "single"
+        return "compiled" if self.compiled else "flat"
 
     def _draw(self, pairs, generator_of: Callable[[torch.device], torch.Generator | None]
               ) -> dict[Tensor, Tensor]:
@@ -233,12 +236,11 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         out: dict[Tensor, Tensor] = {}
         for group, p in pairs:
             family = self._family(group)
-            if not family.joint:
-                out[p] = family.sample(group, [p], [self.state[p]], generator_of(p.device), **self._compile_option)[0]
+            if not family.is_joint(group):
+                out[p] = family.sample(group, [p], [self.state[p]], generator_of(p.device), path=self._path(group))[0]
             elif p not in out:
                 params = [q for q in group["params"] if self._has_posterior(q)]
-                values = family.sample(group, params, [self.state[q] for q in params],
-                                       generator_of(p.device))
+                values = family.sample(group, params, [self.state[q] for q in params], generator_of(p.device))
                 out.update(zip(params, values))
         return out
 
@@ -249,9 +251,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
 
     def _check_work(self, work) -> None:
         """Refuse a step before anything changes (sparse gradients, a joint family's group with
-        gradients for only some of its parameters; subclasses add rules)."""
+        gradients for only some of its parameters)."""
         check_sparse(work)
-        check_joint(work, lambda group: self._family(group).joint)
+        check_joint(work, lambda group: self._family(group).is_joint(group))
 
     def _group_of(self, p: Tensor) -> dict:
         for group in self.param_groups:
@@ -260,21 +262,17 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         raise ValueError("this tensor is not a parameter of the optimizer: pass one of the "
                          "tensors given to ProxScoreOptimizer(params)")
 
+    def _batches(self, work) -> list[tuple[dict, list[Tensor]]]:
+        """``work`` split into batches a family steps together: same group, device, state dtype and
+        step count (the states are created here for parameters that have none yet)."""
+        batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
+        for group, p in work:
+            state = self._state(p, group)
+            key = (id(group), p.device, state_dtype(p), float(state["step"]))
+            batches.setdefault(key, (group, []))[1].append(p)
+        return list(batches.values())
+
     # ------------------------------------------------------------------ the step
-    @staticmethod
-    def _theta_and_score(group: dict, p: Tensor, grad: Tensor, state: dict,
-                         copy: bool = False) -> tuple[Tensor, Tensor]:
-        """The sample in ``p`` (state dtype; ``copy`` to keep it past the next sample) and its score."""
-        theta = p.detach().to(state_dtype(p), copy=copy)
-        return theta, F.score(grad.to(theta.dtype), theta, state.get("prior_mean"),
-                              dataset_size=group["dataset_size"], prior_precision=group["prior_precision"],
-                              temperature=group["temperature"])
-
-    def _score_stats(self, group: dict, p: Tensor, grad: Tensor, state: dict,
-                     stats: F.ScoreStats | None, weight: float) -> F.ScoreStats:
-        theta, s = self._theta_and_score(group, p, grad, state)
-        return self._family(group).collect(group, state, theta, s, stats, weight)
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         """One proximal score-matching step; then the weights hold a fresh sample.
@@ -288,26 +286,27 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         if self._mode != "train":
             raise RuntimeError("ProxScoreOptimizer.step() called in eval mode: the weights hold "
                                "the posterior mean; call optimizer.train() first")
-        if closure is None:
-            loss = None
-            work = [(g, p) for g, p in self._params() if p.grad is not None]
-            self._check_work(work)
-            fused = [(g, p) for g, p in work if self._fusable(g)]
-            work = [(g, p) for g, p in work if not self._fusable(g)]
-            created = [p for _, p in work if not self._has_posterior(p)]
-            stats = {p: self._score_stats(g, p, p.grad, self._state(p, g), None, 1.0)
-                     for g, p in work}
-            if not (scores_finite(stats) and gradients_finite(fused)):
-                for p in created:
-                    self._forget(p)
-                return self._skip(loss)
-            if fused:
-                self._fused_step(fused)
-        else:
+        if closure is not None:
             loss, work, stats = self._sample_and_score(closure)
-        self._update(work, stats)
-        self._write_samples(work)
-        return loss
+            for group, params in self._batches(work):
+                self._family(group).update(group, [self.state[p] for p in params], [stats[p] for p in params],
+                                           generator=self._generator(params[0].device), path=self._path(group))
+            self._write_samples(work)
+            return loss
+        work = [(g, p) for g, p in self._params() if p.grad is not None]
+        self._check_work(work)
+        if not gradients_finite(work):
+            return self._skip(None)
+        for group, params in self._batches(work):
+            self._family(group).step(group, params, [self.state[p] for p in params],
+                                     self._generator(params[0].device), path=self._path(group))
+        return None
+
+    def _score_of(self, group: dict, p: Tensor, state: dict) -> tuple[Tensor, Tensor]:
+        """The sample in ``p`` (state dtype, a copy) and its score estimate from ``p.grad``."""
+        theta = p.detach().to(state_dtype(p), copy=True)
+        h = kernels.StepHyper.of(group, 0.0)
+        return theta, kernels.score(p.grad.to(theta.dtype), theta, state.get("prior_mean"), h)
 
     def _sample_and_score(self, closure):
         """Call ``closure`` at K samples of q_t; return (mean loss, stepped params, stats).
@@ -320,7 +319,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         rng = {dev: gen.get_state() for dev, gen in self._generators.items()}
         had_state = {p for _, p in candidates if self._has_posterior(p)}
         k_samples = max((g["mc_samples"] for g, _ in candidates), default=1)
-        stats: dict[Tensor, F.ScoreStats] = {}
+        stats: dict[Tensor, Any] = {}
         losses = []
 
         def undo() -> None:
@@ -341,8 +340,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                 with_grad = [(g, p) for g, p in candidates if p.grad is not None]
                 self._check_work(with_grad)
                 for g, p in with_grad:
-                    stats[p] = self._score_stats(g, p, p.grad, self.state[p], stats.get(p),
-                                                 1.0 / k_samples)
+                    theta, s = self._score_of(g, p, self.state[p])
+                    stats[p] = self._family(g).collect(g, self.state[p], theta, s, stats.get(p), 1.0 / k_samples)
         except BaseException:
             undo()
             raise
@@ -358,36 +357,6 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                     self._forget(p)
         return loss, [(g, p) for g, p in candidates if p in stats], stats
 
-    def _fusable(self, group: dict) -> bool:
-        """The common step of ``group`` (K=1, one inner step, this class's Gaussian update) has
-        a fused path."""
-        return (self.foreach and type(self)._update_batch is ProxScoreOptimizer._update_batch
-                and group["inner_steps"] == 1 and group["family"] == "gaussian")
-
-    def _fused_step(self, work) -> None:
-        batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
-        for group, p in work:
-            state = self._state(p, group)
-            key = (id(group), p.device, state_dtype(p), float(state["step"]))
-            batches.setdefault(key, (group, []))[1].append(p)
-        if self.compiled:
-            for group, ps in batches.values():
-                _compiled.compiled_step(ps, [self.state[p] for p in ps], group, self._generator(ps[0].device))
-            return
-        if "_workspace" not in self.__dict__:       # scratch: not pickled, made again after loading
-            self._workspace = _fused.Workspace()
-        for group, ps in batches.values():
-            states = [self.state[p] for p in ps]
-            _fused.fused_update(
-                ps, [p.grad for p in ps], states, dataset_size=group["dataset_size"],
-                prior_precision=group["prior_precision"],
-                temperature=group["temperature"], lr=group["lr"],
-                scale_lr=group["lr"] * group["scale_lr_ratio"], betas=group["betas"], eps=group["eps"],
-                mean_update=group["mean_update"],
-                update_scale=float(states[0]["step"]) >= group["warmup_steps"], workspace=self._workspace)
-        _fused.sample_([p for _, p in work], [self.state[p] for _, p in work], self._generator,
-                       workspace=self._workspace)
-
     def _skip(self, loss):
         self.skipped_steps += 1
         warnings.warn(
@@ -396,21 +365,3 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             f"unchanged. Lower the learning rate or use a GradScaler if this repeats.",
             RuntimeWarning, stacklevel=3)
         return loss
-
-    def _update(self, work, stats) -> None:
-        # Group by (hyperparameters, device, dtype, step) so each call is one foreach batch.
-        batches: dict[tuple, tuple[dict, list[Tensor]]] = {}
-        for group, p in work:
-            state = self.state[p]
-            key = (id(group), p.device, state_dtype(p), float(state["step"]))
-            batches.setdefault(key, (group, []))[1].append(p)
-        for group, ps in batches.values():
-            states = [self.state[p] for p in ps]
-            self._update_batch(group, states, [stats[p] for p in ps])
-
-    def _update_batch(self, group: dict, states: list[dict], stats: list) -> None:
-        """Move one batch of same-device, same-dtype, same-step states (the family's update)."""
-        family = self._family(group)
-        device = states[0][family.variational[0]].device
-        family.update(group, states, stats, foreach=self.foreach, generator=self._generator(device),
-                      **self._compile_option)

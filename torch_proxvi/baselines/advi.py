@@ -10,7 +10,8 @@ each step takes Adam steps on :math:`(m, \log\sigma)` along
 
 where :math:`s_\ell = -N \nabla L_B / T` is the likelihood score at the sample
 :math:`\theta = m + \sigma\epsilon` and the Gaussian prior's KL is analytic. ``inner_steps``,
-``prox_weight`` and ``mean_update`` do not apply and are fixed.
+``prox_weight`` and ``mean_update`` do not apply and are fixed. It runs on every path of
+:mod:`torch_proxvi.kernels.dispatch` (compiled by default, like ProxScoreOptimizer).
 
 Reference: Kucukelbir et al., "Automatic Differentiation Variational Inference", JMLR 2017.
 """
@@ -19,43 +20,24 @@ from __future__ import annotations
 
 import torch
 
-from .. import _functional as F
 from .._validation import _REQUIRED
-from ..families import gaussian
 from ..optimizer import ProxScoreOptimizer
 
 __all__ = ["ADVI"]
 
 
 class ADVI(ProxScoreOptimizer):
-    """Mean-field ADVI with the ProxScoreOptimizer contract (see the module docstring)."""
-
-    _families = ("gaussian",)
+    """Mean-field ADVI with the ProxScoreOptimizer contract: the Gaussian family with
+    ``rule="elbo"`` (see the module docstring; the gradients are
+    :func:`torch_proxvi.kernels.gaussian.elbo_gradients`)."""
 
     def __init__(self, params, lr: float = 1e-3, *, dataset_size: float = _REQUIRED,
-                 prior_precision: float = 1.0, prior_mean: str = "zero", family: str = "gaussian",
-                 init_std: float = 1e-3, mc_samples: int = 1, betas=(0.9, 0.999), eps: float = 1e-8,
-                 temperature: float = 1.0, scale_lr_ratio: float = 1.0, warmup_steps: int = 0,
-                 generator: torch.Generator | None = None, foreach: bool | None = None):
+                 prior_precision: float = 1.0, prior_mean: str = "zero", init_std: float = 1e-3,
+                 mc_samples: int = 1, betas=(0.9, 0.999), eps: float = 1e-8, temperature: float = 1.0,
+                 scale_lr_ratio: float = 1.0, warmup_steps: int = 0, generator: torch.Generator | None = None,
+                 foreach: bool | None = None, compiled: bool | None = None):
         super().__init__(params, lr, dataset_size=dataset_size, prior_precision=prior_precision,
-                         prior_mean=prior_mean, family=family, init_std=init_std,
-                         mc_samples=mc_samples, inner_steps=1, prox_weight=0.0, betas=betas,
-                         eps=eps, temperature=temperature, mean_update="score",
-                         scale_lr_ratio=scale_lr_ratio, warmup_steps=warmup_steps,
-                         generator=generator, foreach=foreach)
-
-    def _update_batch(self, group: dict, states: list[dict], stats: list[F.ScoreStats]) -> None:
-        update_scale = float(states[0]["step"]) >= group["warmup_steps"]
-        beta1 = group["betas"][0]
-        for state, st in zip(states, stats):
-            mean_avg = gaussian.first_moments([state], "mean_exp_avg", beta1)
-            scale_avg = gaussian.first_moments([state], "log_scale_exp_avg", beta1)
-            state["step"] += 1
-            grad_mean, grad_log_scale = F.elbo_gradients(
-                state["mean"], state["log_scale"], st, state.get("prior_mean"),
-                prior_precision=group["prior_precision"])
-            F.adam_step(state["mean"], state["log_scale"], grad_mean, grad_log_scale,
-                        mean_avg and mean_avg[0], state["mean_exp_avg_sq"], scale_avg and scale_avg[0],
-                        state["log_scale_exp_avg_sq"], float(state["step"]), lr=group["lr"],
-                        scale_lr=group["lr"] * group["scale_lr_ratio"], betas=group["betas"],
-                        eps=group["eps"], update_scale=update_scale)
+                         prior_mean=prior_mean, family="gaussian", rule="elbo", init_std=init_std,
+                         mc_samples=mc_samples, inner_steps=1, prox_weight=0.0, betas=betas, eps=eps,
+                         temperature=temperature, mean_update="score", scale_lr_ratio=scale_lr_ratio,
+                         warmup_steps=warmup_steps, generator=generator, foreach=foreach, compiled=compiled)

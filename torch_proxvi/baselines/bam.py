@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._batch_gaussian import BatchGaussianVI, symmetric_sqrt
+from ..families import register
+from ._batch_gaussian import BatchGaussian, BatchGaussianVI, symmetric_sqrt
 
 __all__ = ["BaM", "bam_diagonal_update", "bam_dense_update"]
 
@@ -66,6 +67,22 @@ def bam_dense_update(mean: Tensor, cov: Tensor, theta: Tensor, score: Tensor,
     return new_mean, new_cov
 
 
+class BaMFamily(BatchGaussian):
+    """``family="bam"``: the Gaussian of :class:`BaM` (its group key ``covariance``)."""
+
+    name = "bam"
+    owner = "BaM"
+
+    def diagonal_update(self, mean, var, theta, score, lr):
+        return bam_diagonal_update(mean, var, theta, score, lr)
+
+    def dense_update(self, mean, cov, theta, score, lr):
+        return bam_dense_update(mean, cov, theta, score, lr)
+
+
+register(BaMFamily())
+
+
 class BaM(BatchGaussianVI):
     """Batch-and-match VI with the ProxScoreOptimizer contract (see the module docstring).
 
@@ -74,8 +91,4 @@ class BaM(BatchGaussianVI):
     ``mc_samples`` is its batch size B.
     """
 
-    def _diagonal_update(self, mean, var, theta, score, lr):
-        return bam_diagonal_update(mean, var, theta, score, lr)
-
-    def _dense_update(self, mean, cov, theta, score, lr):
-        return bam_dense_update(mean, cov, theta, score, lr)
+    family_name = "bam"

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from .._validation import _check
-from ._batch_gaussian import BatchGaussianVI
+from ..families import register
+from ._batch_gaussian import BatchGaussian, BatchGaussianVI
 
 __all__ = ["GSM", "gsm_diagonal_update", "gsm_dense_update"]
 
@@ -72,6 +73,25 @@ def gsm_dense_update(mean: Tensor, cov: Tensor, theta: Tensor, score: Tensor,
     return mean + lr * mean_shift.mean(0), cov + (lr / k) * cov_shift
 
 
+class GSMFamily(BatchGaussian):
+    """``family="gsm"``: the Gaussian of :class:`GSM` (its group key ``covariance``)."""
+
+    name = "gsm"
+    owner = "GSM"
+
+    def validate_lr(self, lr):
+        _check(lr <= 1, "learning rate", lr, "GSM's lr damps its closed-form step: in [0, 1]")
+
+    def diagonal_update(self, mean, var, theta, score, lr):
+        return gsm_diagonal_update(mean, var, theta, score, lr)
+
+    def dense_update(self, mean, cov, theta, score, lr):
+        return gsm_dense_update(mean, cov, theta, score, lr)
+
+
+register(GSMFamily())
+
+
 class GSM(BatchGaussianVI):
     """Gaussian score matching with the ProxScoreOptimizer contract (see the module docstring).
 
@@ -80,11 +100,4 @@ class GSM(BatchGaussianVI):
     ``init_std`` sets the initial (isotropic) standard deviation.
     """
 
-    def _validate_lr(self, lr) -> None:
-        _check(lr <= 1, "learning rate", lr, "GSM's lr damps its closed-form step: in [0, 1]")
-
-    def _diagonal_update(self, mean, var, theta, score, lr):
-        return gsm_diagonal_update(mean, var, theta, score, lr)
-
-    def _dense_update(self, mean, cov, theta, score, lr):
-        return gsm_dense_update(mean, cov, theta, score, lr)
+    family_name = "gsm"

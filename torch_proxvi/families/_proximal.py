@@ -14,7 +14,7 @@ where it is not zero.
 
 ``mean_update="score"`` (the default) moves the *location* parameters along the score alone,
 gradient :math:`-2 \langle \hat s \rangle` (plus the KL's), exactly as the Gaussian's decoupled
-update in :mod:`torch_proxvi._functional`: its fixed point :math:`E_q[\hat s] = 0` holds at
+update in :mod:`torch_proxvi.kernels.gaussian`: its fixed point :math:`E_q[\hat s] = 0` holds at
 :math:`q = p` for every family. (Dropping the model term from the residual instead, gradient
 :math:`-2 \langle D_t^2 \hat s\, \partial_{loc} \nabla_\theta \log q \rangle`, coincides with
 it for the Gaussian but not for a flow, where its fixed point is off the target: measured on a
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import _functional as F
+from ..kernels.adam import adam
 
 __all__ = ["Variable", "ScoreSamples", "proximal_step", "adam_variables"]
 
@@ -146,7 +146,7 @@ def proximal_step(
             if v.frozen:
                 continue
             grad = torch.zeros_like(v.tensor) if grad is None else grad.detach()
-            F._adam(v.tensor, grad, v.exp_avg, v.exp_avg_sq, step, v.lr, beta1, beta2, eps)
+            adam(v.tensor, grad, v.exp_avg, v.exp_avg_sq, lr=v.lr, step=step, beta1=beta1, beta2=beta2, eps=eps)
             if v.bounds is not None:
                 v.tensor.clamp_(*v.bounds)
 

@@ -15,11 +15,15 @@ tensors, float32 or float64 whatever the weights' dtype) and answers five questi
   deviation of each weight (what ``mean_params()`` and ``posterior_std`` report);
 * **the step**: :meth:`Family.collect` accumulates what the update needs from each of the K
   samples and its score estimate :math:`\hat s`, and :meth:`Family.update` moves the state toward
-  the proximal score-matching target (see docs/method.md).
+  the target of the group's ``rule`` (see docs/method.md); :meth:`Family.step` is the common
+  step of a training loop (K = 1, the gradient in ``p.grad``, the next sample written into the
+  weights), which a family may run on a fast path of its own (the Gaussian's goes through
+  :mod:`torch_proxvi.kernels.dispatch`). ``path`` (``"single"``, ``"flat"`` or ``"compiled"``)
+  is the optimizer's choice of implementation; a family that has only one ignores it.
 
-Element-wise families (``joint = False``) answer for one parameter at a time; a joint family
-(``joint = True``, e.g. a dense flow) describes all parameters of a group together, so its methods
-take and return lists in the group's parameter order. Families are stateless singletons looked up
+Element-wise families answer for one parameter at a time; a joint family (:meth:`Family.is_joint`,
+e.g. a dense flow) describes all parameters of a group together, so its methods take and return
+lists in the group's parameter order. Families are stateless singletons looked up
 by name with :func:`get`; the optimizer's group key ``family`` names one.
 """
 
@@ -29,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..kernels import StepHyper, score
 
 __all__ = ["Family", "get", "names", "register", "state_dtype"]
 
@@ -59,6 +65,14 @@ class Family:
     mean_updates: tuple[str, ...] = ("score", "residual")
     #: ``scale_lr_ratio`` when the group leaves it None
     scale_lr_ratio: float = 1.0
+    #: the ``rule`` values the family supports; the first is its default
+    rules: tuple[str, ...] = ("proximal",)
+    #: group keys of the family's own, with their defaults (optimizer keyword arguments too)
+    options: dict[str, Any] = {}
+
+    def is_joint(self, group: dict[str, Any]) -> bool:
+        """Whether the family models all parameters of ``group`` together."""
+        return self.joint
 
     # ---------------------------------------------------------------- storage
     def validate(self, group: dict[str, Any]) -> None:
@@ -66,6 +80,12 @@ class Family:
         ``mean_update=None`` and ``scale_lr_ratio=None`` to the family's defaults."""
         if group["scale_lr_ratio"] is None:
             group["scale_lr_ratio"] = self.scale_lr_ratio
+        if group.get("rule") is None:
+            group["rule"] = self.rules[0]
+        if group["rule"] not in self.rules:
+            raise ValueError(f"Invalid rule: {group['rule']!r} (family={self.name!r} supports {self.rules})")
+        for key, default in self.options.items():
+            group.setdefault(key, default)
         if group["mean_update"] is None:
             group["mean_update"] = self.mean_updates[0]
         if group["mean_update"] not in self.mean_updates:
@@ -86,10 +106,10 @@ class Family:
     # ---------------------------------------------------------------- the density
     def sample(self, group: dict, params: list[Tensor], states: list[dict],
                generator: torch.Generator | None, count: int | None = None, *,
-               compiled: bool = False) -> list[Tensor]:
+               path: str = "single") -> list[Tensor]:
         """One draw :math:`\\theta \\sim q` per parameter (state dtype, the parameters' shapes),
-        or ``count`` draws stacked along a new first dimension (``compiled``: the optimizer's
-        ``compiled=True``, for a family with a compiled sampler; same draws)."""
+        or ``count`` draws stacked along a new first dimension (``path``: the optimizer's, for a
+        family with a compiled sampler; same draws)."""
         raise NotImplementedError
 
     def log_prob(self, group: dict, states: list[dict], thetas: list[Tensor]) -> Tensor:
@@ -123,11 +143,26 @@ class Family:
         non-finite wherever a score was."""
         raise NotImplementedError
 
-    def update(self, group: dict, states: list[dict], accs: list[Any], *, foreach: bool,
-               generator: torch.Generator | None, compiled: bool = False) -> None:
-        """One proximal score-matching step of ``states`` (all at the same step count);
-        ``compiled``: the optimizer's ``compiled=True``, for a family that has a compiled step."""
+    def update(self, group: dict, states: list[dict], accs: list[Any], *,
+               generator: torch.Generator | None, path: str = "single") -> None:
+        """One step of ``states`` (all at the same step count) from the accumulators."""
         raise NotImplementedError
+
+    def step(self, group: dict, params: list[Tensor], states: list[dict], generator: torch.Generator,
+             *, path: str) -> None:
+        """The common step: update ``states`` from the sample in ``params`` and its gradient in
+        ``p.grad`` (K = 1; same device, state dtype and step count), then write a fresh sample
+        into ``params``. By default :meth:`collect`, :meth:`update` and :meth:`sample`."""
+        h = StepHyper.of(group, 0.0)
+        accs = []
+        for p, st in zip(params, states):
+            theta = p.detach().to(state_dtype(p), copy=True)
+            s = score(p.grad.to(theta.dtype), theta, st.get("prior_mean"), h)
+            accs.append(self.collect(group, st, theta, s, None, 1.0))
+        self.update(group, states, accs, generator=generator, path=path)
+        with torch.no_grad():
+            for p, value in zip(params, self.sample(group, params, states, generator, path=path)):
+                p.copy_(value)
 
 
 _REGISTRY: dict[str, Family] = {}

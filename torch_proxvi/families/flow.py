@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _functional as F
+from ..kernels.gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN
 from . import _proximal
 from .base import Family, register, state_dtype
 
@@ -238,7 +238,7 @@ class DenseFlow(Family):
         shape = (dim,) if count is None else (count, dim)
         return torch.randn(shape, generator=generator, device=loc.device, dtype=loc.dtype)
 
-    def sample(self, group, params, states, generator, count=None, *, compiled=False):
+    def sample(self, group, params, states, generator, count=None, *, path="single"):
         flat = self._draw(self._parts(group, states), self._noise(states, generator, count))
         return self._split(flat, [st["loc"] for st in states])
 
@@ -283,12 +283,12 @@ class DenseFlow(Family):
     def collect(self, group, state, theta, score, acc, weight):
         return _proximal.ScoreSamples.collect(acc, theta, score)
 
-    def update(self, group, states, accs, *, foreach, generator, compiled=False):
+    def update(self, group, states, accs, *, generator, path="single"):
         outer_steps = float(states[0]["step"]) // group["inner_steps"]
         frozen = outer_steps < group["warmup_steps"]
         beta1 = group["betas"][0]
         scale_lr = group["lr"] * group["scale_lr_ratio"]
-        bounds = (F.LOG_SCALE_MIN, F.LOG_SCALE_MAX)
+        bounds = (LOG_SCALE_MIN, LOG_SCALE_MAX)
         locs, log_scales = [], []
         for st in states:
             loc, log_scale = _proximal.adam_variables(

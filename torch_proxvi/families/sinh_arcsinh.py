@@ -46,11 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _functional as F
+from ..kernels.adam import adam
+from ..kernels.gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN
 from . import _proximal
 from .base import Family, register, state_dtype, sum_weights
 
-__all__ = ["ElementwiseFlow", "transform", "log_prob", "score"]
+__all__ = ["ElementwiseFlow", "transform", "log_prob", "score", "kl_draw"]
 
 LOG_TAIL_BOUNDS = (math.log(0.25), math.log(4.0))
 SKEW_BOUNDS = (-4.0, 4.0)
@@ -147,7 +148,7 @@ def score_and_derivatives(theta: Tensor, loc: Tensor, log_scale: Tensor, skew: T
     return g, (d_loc, d_log_scale, d_skew, d_log_tail)
 
 
-_BOUNDS = dict(zip(_NAMES, (None, (F.LOG_SCALE_MIN, F.LOG_SCALE_MAX), SKEW_BOUNDS, LOG_TAIL_BOUNDS)))
+_BOUNDS = dict(zip(_NAMES, (None, (LOG_SCALE_MIN, LOG_SCALE_MAX), SKEW_BOUNDS, LOG_TAIL_BOUNDS)))
 
 
 def closed_form_kernel(theta: Tensor, sample_score: Tensor, loc: Tensor, log_scale: Tensor, skew: Tensor,
@@ -168,7 +169,8 @@ def closed_form_kernel(theta: Tensor, sample_score: Tensor, loc: Tensor, log_sca
             continue
         else:
             grad = residual * derivative
-        F._adam(tensor, grad, exp_avgs[i], exp_avg_sqs[i], step, lr if i == 0 else shape_lr, beta1, beta2, eps)
+        adam(tensor, grad, exp_avgs[i], exp_avg_sqs[i], lr=lr if i == 0 else shape_lr, step=step, beta1=beta1,
+             beta2=beta2, eps=eps)
         if _BOUNDS[name] is not None:
             tensor.clamp_(*_BOUNDS[name])
 
@@ -208,6 +210,14 @@ def moments(loc: Tensor, log_scale: Tensor, skew: Tensor, log_tail: Tensor) -> t
     return loc + scale * (first - _median_offset(skew, log_tail)), scale * var.sqrt()
 
 
+def kl_draw(params: list[Tensor], others: list[Tensor], generator: torch.Generator | None) -> Tensor:
+    """KL(q_params || q_others) summed over the weights, estimated from one reparameterised draw
+    per weight (differentiable in ``params``)."""
+    z = torch.randn(params[0].shape, generator=generator, device=params[0].device, dtype=params[0].dtype)
+    theta = transform(z, *params)
+    return (log_prob(theta, *params) - log_prob(theta, *others)).sum()
+
+
 def _params(state: dict) -> list[Tensor]:
     return [state[name] for name in _NAMES]
 
@@ -233,7 +243,8 @@ class ElementwiseFlow(Family):
             if group["betas"][0] > 0:
                 state[f"{name}_exp_avg"] = torch.zeros_like(loc)
 
-    def sample(self, group, params, states, generator, count=None, *, compiled=False):
+    def sample(self, group, params, states, generator, count=None, *, path="single"):
+        compiled = path == "compiled"
         out = []
         for st in states:
             loc = st["loc"]
@@ -250,13 +261,7 @@ class ElementwiseFlow(Family):
 
     def kl(self, group, states, others, generator=None):
         """Monte Carlo: one reparameterised draw per weight from ``states``."""
-        total = 0.0
-        for st, ot in zip(states, others):
-            loc = st["loc"]
-            z = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
-            theta = transform(z, *_params(st))
-            total = total + (log_prob(theta, *_params(st)) - log_prob(theta, *_params(ot))).sum()
-        return torch.as_tensor(total)
+        return torch.as_tensor(sum(kl_draw(_params(st), _params(ot), generator) for st, ot in zip(states, others)))
 
     def mean(self, group, params, states):
         return [moments(*_params(st))[0] for st in states]
@@ -282,7 +287,8 @@ class ElementwiseFlow(Family):
     def collect(self, group, state, theta, score, acc, weight):
         return _proximal.ScoreSamples.collect(acc, theta, score)
 
-    def update(self, group, states, accs, *, foreach, generator, compiled=False):
+    def update(self, group, states, accs, *, generator, path="single"):
+        compiled = path == "compiled"
         outer_steps = float(states[0]["step"]) // group["inner_steps"]
         shape_lr = group["lr"] * group["scale_lr_ratio"]
         rates = {name: (group["lr"] if name == "loc" else shape_lr, _BOUNDS[name]) for name in _NAMES}
@@ -297,15 +303,11 @@ class ElementwiseFlow(Family):
             def model_score(phi, thetas=thetas):
                 return [score(theta, *phi) for theta in thetas]
 
-            def kl(phi, phi_t, shape=st["loc"]):
-                z = torch.randn(shape.shape, generator=generator, device=shape.device, dtype=shape.dtype)
-                theta = transform(z, *phi)
-                return (log_prob(theta, *phi) - log_prob(theta, *phi_t)).sum()
-
             _proximal.proximal_step(
                 variables, [st["step"]], model_score, acc.score, [sum(acc.score) / len(acc.score)],
                 torch.exp(2 * st["log_scale"]),
-                kl=kl, inner_steps=group["inner_steps"], prox_weight=group["prox_weight"],
+                kl=lambda phi, phi_t: kl_draw(phi, phi_t, generator), inner_steps=group["inner_steps"],
+                prox_weight=group["prox_weight"],
                 betas=group["betas"], eps=group["eps"], mean_update=group["mean_update"])
 
 
