@@ -152,6 +152,17 @@ def train():
     return train_step
 
 
+@pytest.fixture
+def trained(make_opt, make_model, data, train):
+    """A model and its optimizer (from ``make_opt``) after three training steps."""
+    model = make_model()
+    opt = make_opt(model.parameters())
+    x, y = data
+    for _ in range(3):
+        train(model, opt, x, y)
+    return model, opt
+
+
 @pytest.fixture(scope="session")
 def state_snapshot():
     return snapshot

@@ -248,6 +248,106 @@ def test_state_dict_roundtrip_continues_in_lockstep(make_opt, make_model, make_d
     assert_all_equal(stds(opt_b, model_b), stds(opt_a, model_a))
 
 
+def _resume(make_opt, make_model, make_data, train, steps_before, edit=lambda sd: None):
+    """Train ``steps_before`` steps, save (``edit`` changes a copy of the state_dict), load into a
+    fresh optimizer of another model seed; 3 more steps of both agree bit for bit. Returns the
+    resumed (model, optimizer) and the uninterrupted one."""
+    model_a = make_model(seed=0)
+    opt_a = make_opt(model_a.parameters())
+    for i in range(steps_before):
+        train(model_a, opt_a, *make_data(100 + i))
+    sd = copy.deepcopy(opt_a.state_dict())  # torch's state_dict holds the live state
+    edit(sd)
+    model_b = make_model(seed=12345)
+    opt_b = make_opt(model_b.parameters())
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b.load_state_dict(sd)
+    for i in range(3):
+        train(model_a, opt_a, *make_data(200 + i))
+        train(model_b, opt_b, *make_data(200 + i))
+        assert_all_equal(weights(model_b), weights(model_a), f"weights diverged at step {i}")
+    return (model_b, opt_b), (model_a, opt_a)
+
+
+def test_state_dict_of_a_fresh_optimizer_loads_and_continues_in_lockstep(make_opt, make_model, make_data, train):
+    _resume(make_opt, make_model, make_data, train, steps_before=0)
+
+
+@pytest.mark.parametrize("steps_before", [0, 2], ids=["fresh", "trained"])
+def test_a_key_that_is_not_a_parameter_is_copied_through(make_opt, make_model, make_data, train, steps_before):
+    """torch keeps ``optimizer.state`` entries that are not parameters (hooks store metadata
+    there): state_dict crashed on them ('int' object is not a mapping, before a step; 'bool' is not
+    iterable, after)."""
+    def edit(sd):
+        assert sd["state"]["meta"] == 3 and sd["state"]["flag"] is True
+
+    def factory(params, **kw):
+        opt = make_opt(params, **kw)
+        opt.state["meta"] = 3
+        opt.state["flag"] = True
+        return opt
+
+    (_, opt_b), _ = _resume(factory, make_model, make_data, train, steps_before, edit)
+    assert opt_b.state["meta"] == 3 and opt_b.state["flag"] is True
+
+
+def test_a_step_stored_as_a_python_number_loads_and_advances(make_opt, make_model, make_data, train):
+    """The older torch format that torch's optimizers still accept: it crashed the flat path and
+    never advanced on the single one (so warm-up never ended)."""
+    def edit(sd):
+        for entry in sd["state"].values():
+            entry["step"] = entry["step"].item()
+
+    (model_b, opt_b), (model_a, opt_a) = _resume(make_opt, make_model, make_data, train, 2, edit)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.is_tensor(opt_b.state[q]["step"]) and torch.equal(opt_b.state[q]["step"], opt_a.state[p]["step"])
+
+
+def test_state_dict_and_load_state_dict_hooks_run_as_torchs(make_opt, make_model, make_data, train):
+    """The hooks of torch.optim.Optimizer: state_dict pre/post, load_state_dict pre (a returned
+    dict replaces the state_dict)/post, each seeing the optimizer's complete state_dict."""
+    model = make_model(seed=0)
+    opt = make_opt(model.parameters())
+    train(model, opt, *make_data(1))
+    seen = {}
+
+    def pre(optimizer):
+        optimizer.state["test"] = 1
+
+    def post(optimizer, sd):
+        seen["post"] = "proxvi" in sd and sd["state"].pop("test") == 1
+        sd["ran_state_dict_pre_hook"] = True
+        return sd
+
+    opt.register_state_dict_pre_hook(pre)
+    opt.register_state_dict_post_hook(post)
+    sd = copy.deepcopy(opt.state_dict())
+    assert seen["post"] and sd["ran_state_dict_pre_hook"] and "test" not in sd["state"]
+
+    model_b = make_model(seed=1)
+    opt_b = make_opt(model_b.parameters())
+
+    def load_pre1(optimizer, state_dict):
+        state_dict["param_groups"][0]["lr"] = 0.002
+
+    def load_pre2(optimizer, state_dict):
+        mine = copy.deepcopy(state_dict)
+        mine["param_groups"][0]["lr"] = 0.003 if mine["param_groups"][0]["lr"] == 0.002 else -1
+        return mine
+
+    def load_post(optimizer):
+        optimizer.state["ran_load_state_dict_post_hook"] = optimizer.param_groups[0]["lr"] == 0.003
+
+    opt_b.register_load_state_dict_pre_hook(load_pre1)
+    opt_b.register_load_state_dict_pre_hook(load_pre2)
+    opt_b.register_load_state_dict_post_hook(load_post)
+    opt_b.load_state_dict(sd)
+    assert opt_b.state["ran_load_state_dict_post_hook"] is True
+    opt_b.state_dict()  # a non-parameter key set by a hook: still fine
+    model_b.load_state_dict(model.state_dict())
+    train(model_b, opt_b, *make_data(2))
+
+
 def test_deepcopy_gives_an_independent_optimizer(make_opt, make_model, make_data, train,
                                                  state_snapshot, same_state):
     def build():
@@ -364,16 +464,6 @@ class Boom(Exception):
     pass
 
 
-@pytest.fixture
-def trained(make_opt, make_model, data, train):
-    model = make_model()
-    opt = make_opt(model.parameters())
-    x, y = data
-    for _ in range(3):
-        train(model, opt, x, y)
-    return model, opt
-
-
 def test_mean_params_swaps_in_the_mean_and_restores(trained):
     model, opt = trained
     sample = weights(model)
@@ -418,13 +508,15 @@ def test_eval_holds_the_mean_and_train_restores_the_sample(trained, data):
     for p in model.parameters():
         assert torch.equal(p, opt.posterior_mean(p).to(p.dtype))
     in_eval = weights(model)
-    before = copy.deepcopy(opt.state_dict())
+    with pytest.warns(UserWarning, match="train"):       # saving in eval mode warns
+        before = copy.deepcopy(opt.state_dict())
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="eval"):
         opt.step()
     assert_all_equal(weights(model), in_eval)
-    assert_nested_equal(before, opt.state_dict())
+    with pytest.warns(UserWarning, match="train"):
+        assert_nested_equal(before, opt.state_dict())
     opt.eval()  # idempotent: must not overwrite the saved training sample
     opt.train()
     assert_all_equal(weights(model), sample, "train() did not restore the training sample")
@@ -461,8 +553,7 @@ def test_predictive_classification(trained, data):
     assert x.shape == (BATCH, N_FEATURES)
     before_w = weights(model)
     before_sd = copy.deepcopy(opt.state_dict())
-    torch.manual_seed(7)
-    probs = opt.predictive(model, x, n_samples=8)
+    probs = opt.predictive(model, x, n_samples=8, generator=torch.Generator().manual_seed(7))
     assert probs.shape == (BATCH, N_CLASSES)
     assert torch.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(BATCH, dtype=probs.dtype))
@@ -473,11 +564,10 @@ def test_predictive_classification(trained, data):
     # a Bayesian model average over different samples is not one softmax of the current weights
     with torch.no_grad():
         assert not torch.equal(probs, torch.softmax(model(x).float(), -1))
-    # dict inputs and outputs with .logits give the same average (same global seed)
-    torch.manual_seed(7)
-    probs_dict = opt.predictive(DictModel(model), {"features": x}, n_samples=8)
-    torch.manual_seed(7)
-    probs_logits = opt.predictive(LogitsModel(model), x, n_samples=8)
+    # dict inputs and outputs with .logits give the same average (same seed)
+    probs_dict = opt.predictive(DictModel(model), {"features": x}, n_samples=8,
+                                generator=torch.Generator().manual_seed(7))
+    probs_logits = opt.predictive(LogitsModel(model), x, n_samples=8, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(probs_dict, probs)
     torch.testing.assert_close(probs_logits, probs)
     assert_all_equal(weights(model), before_w)

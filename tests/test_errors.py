@@ -66,6 +66,11 @@ BAD_OPTIONS = [
     ("warmup_steps", -1),
     ("scale_lr_ratio", -1),
     ("dataset_size", 0), ("dataset_size", -5), ("dataset_size", NAN), ("dataset_size", "100"),
+    # values that passed and corrupted the state (issue 18, item 6)
+    ("eps", 0), ("eps", 1e-45), ("eps", 1e-30),      # 0 / 0 at the first step: NaN weights
+    ("init_std", 1e-24), ("init_std", 1e9),          # exp(2 log sigma) not a normal float32
+    ("prior_precision", 1e39), ("prior_precision", 1e25),  # prior_precision * variance overflows
+    ("dataset_size", 1e39), ("temperature", 1e-40),  # the score scale N / T is not a float32
 ]
 BAD_IDS = [f"{k}={v!r}" for k, v in BAD_OPTIONS]
 
@@ -294,6 +299,8 @@ def test_posterior_of_a_foreign_tensor_is_rejected(make_opt, make_model, data, t
 
 @pytest.mark.parametrize(("kw", "name"), [({"n_samples": 0}, "n_samples"),
                                           ({"n_samples": 2.5}, "n_samples"),
+                                          ({"n_samples": True}, "n_samples"),
+                                          ({"n_samples": 4.0}, "n_samples"),
                                           ({"likelihood": "nope"}, "likelihood")])
 def test_predictive_bad_arguments(make_opt, make_model, data, train, kw, name):
     model = make_model()
@@ -302,3 +309,41 @@ def test_predictive_bad_arguments(make_opt, make_model, data, train, kw, name):
     with pytest.raises(ValueError, match=name):
         opt.predictive(model, data[0], **kw)
     assert_all_equal(weights(model), before_w)
+
+
+def test_predictive_accepts_integral_numbers(make_opt, make_model, data, train):
+    import numpy as np
+
+    model = make_model()
+    opt = trained_opt(model, make_opt, data, train)
+    for n in (np.int64(2), np.int32(2), 2):
+        assert opt.predictive(model, data[0], n_samples=n).shape == (data[0].shape[0], 3)
+
+
+# ---------------------------------------------------------------------------- loose types, flow options
+@pytest.mark.parametrize(("option", "value"), [("compiled", "no"), ("compiled", 1), ("foreach", "no"),
+                                               ("foreach", 0), ("generator", 42), ("generator", "cpu")],
+                         ids=repr)
+def test_optimizer_wide_switches_are_typed(make_model, option, value):
+    model = make_model()
+    before_rng = torch.random.get_rng_state()
+    with pytest.raises(ValueError, match=rf"Invalid {option}: .*(True, False or None|torch.Generator or None)"):
+        ProxScoreOptimizer(model.parameters(), dataset_size=64, **{option: value})
+    assert torch.equal(before_rng, torch.random.get_rng_state()), "a refused construction drew from the RNG"
+
+
+BAD_FLOW_OPTIONS = [("lr_ratio", NAN), ("lr_ratio", INF), ("lr_ratio", -0.1), ("lr_ratio", "0.1"),
+                    ("bins", 0), ("bins", 1.5), ("bins", True), ("transforms", 0), ("transforms", -1),
+                    ("transforms", 2.0), ("hidden_features", (0,)), ("hidden_features", ()),
+                    ("hidden_features", "32"), ("hidden_features", (8.5,)), ("delay", -1)]
+
+
+@pytest.mark.parametrize(("key", "value"), BAD_FLOW_OPTIONS, ids=[f"{k}={v!r}" for k, v in BAD_FLOW_OPTIONS])
+def test_bad_flow_options_name_the_option(make_model, key, value):
+    model = make_model()
+    with pytest.raises(ValueError, match=rf"Invalid flow_options\['{key}'\]"):
+        ProxScoreOptimizer(model[2].parameters(), dataset_size=64, family="flow", flow_options={key: value})
+    opt = ProxScoreOptimizer(model[0].parameters(), dataset_size=64)
+    with pytest.raises(ValueError, match=rf"Invalid flow_options\['{key}'\]"):
+        opt.add_param_group({"params": model[2].parameters(), "family": "flow", "flow_options": {key: value}})
+    assert len(opt.param_groups) == 1

@@ -32,7 +32,7 @@ def _train(model, opt, steps=5):
         opt.step()
 
 
-def test_per_group_families_keep_their_own_state_and_the_body_takes_the_fused_path(monkeypatch):
+def test_per_group_families_keep_their_own_state_and_the_body_goes_through_the_dispatcher(monkeypatch):
     from torch_proxvi.kernels import dispatch
 
     model = build_model()

@@ -209,6 +209,24 @@ def test_adam_is_torchs_adam(beta1):
         torch.testing.assert_close(param, ref, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("compiling", [False, True])
+def test_adam_bounds_its_gradient_the_same_way_in_both_forms(monkeypatch, compiling):
+    """Adam clamps |g| to sqrt(max)/2 and takes a NaN as 0, so its moments stay finite; the
+    compiled kernel's form (torch.where) and the eager one (clamp, nan_to_num) agree."""
+    from torch_proxvi.kernels.adam import grad_limit
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    limit = grad_limit(torch.float32)
+    grad = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38, -1e20, 2.0, 0.0])
+    param, exp_avg, exp_avg_sq = torch.zeros(7), torch.zeros(7), torch.zeros(7)
+    adam(param, grad, exp_avg, exp_avg_sq, lr=0.1, step=1, beta1=0.9, beta2=0.999, eps=1e-8)
+    bounded = torch.tensor([0.0, limit, -limit, limit, -limit, 2.0, 0.0])
+    torch.testing.assert_close(exp_avg, 0.1 * bounded)
+    torch.testing.assert_close(exp_avg_sq, 0.001 * bounded * bounded)
+    assert exp_avg_sq.isfinite().all() and param.isfinite().all()
+    assert param[0] == 0 and param[1] < 0 < param[2]
+
+
 def test_hyper_round_trips_through_the_compiled_kernels_numbers():
     h = hyper(rule="elbo", mean_update="residual", inner_steps=2, update_scale=False, step=7.0)
     back = StepHyper.from_numbers(h.numbers(F64, "cpu"), h.static())

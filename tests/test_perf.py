@@ -33,20 +33,25 @@ def vit_shaped_pairs(millions: int, names):
     return params
 
 
-def test_flat_step_is_faster_than_the_single_tensor_reference():
-    # 2M weights: the reference runs one call per tensor and keeps four model-sized statistics;
-    # measured about 0.55x of it on 2 cores
-    params = vit_shaped_pairs(2, ("flat", "single"))
+def test_flat_step_packs_small_tensors_into_few_calls():
+    # 500 tensors of 512 numbers (biases, norms): the reference runs some twenty operations per
+    # tensor, the flat path a few per step. Measured 0.29-0.31x of the reference on 2 Xeon cores;
+    # on the CPU large tensors are stepped one by one on both paths, so this is where they differ
+    grads = [torch.randn(512, generator=torch.Generator().manual_seed(i)) * 1e-3 for i in range(500)]
+    params = {name: [torch.nn.Parameter(torch.zeros_like(g)) for g in grads] for name in ("flat", "single")}
+    for ps in params.values():
+        for p, g in zip(ps, grads):
+            p.grad = g
     opts = {"flat": ProxScoreOptimizer(params["flat"], lr=1e-3, dataset_size=100, compiled=False),
             "single": ProxScoreOptimizer(params["single"], lr=1e-3, dataset_size=100, foreach=False)}
     median = median_step_times(opts, steps=7, warmup=2)
-    assert median["flat"] < 0.85 * median["single"], median
+    assert median["flat"] < 0.6 * median["single"], median
 
 
 def test_compiled_step_is_near_adams_cost():
-    # 10M ViT-shaped weights, medians of 20 steps: the compiled step measured 1.3-2.25x Adam
-    # (foreach) on 2 cores (docs/benchmarks.md); 2.5x catches a fallback to the eager step (3.3x+)
-    # and a single-threaded kernel (3.8x)
+    # 10M ViT-shaped weights, medians of 20 steps: the compiled step measured 1.95-2.1x Adam
+    # (foreach) on 2 Xeon cores (docs/benchmarks.md, "Kernel layer"); 2.5x catches a fallback to
+    # the eager step (5x) and a single-threaded kernel (3.8x)
     if not dispatch.compiler_available("cpu"):
         pytest.skip("no C++ compiler: the compiled step cannot be built here")
     params = vit_shaped_pairs(10, ("adam", "prox"))

@@ -3,10 +3,10 @@
 >>> from torch_proxvi import ProxScoreOptimizer
 """
 
-from . import metrics
+from . import checkpoint_io, metrics
 from .baselines import ADVI, GSM, BaM
 from .optimizer import ProxScoreOptimizer
 from .predictive import predictive
 
-__all__ = ["ProxScoreOptimizer", "ADVI", "GSM", "BaM", "metrics", "predictive"]
+__all__ = ["ProxScoreOptimizer", "ADVI", "GSM", "BaM", "checkpoint_io", "metrics", "predictive"]
 __version__ = "0.1.0"

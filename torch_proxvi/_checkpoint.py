@@ -1,95 +1,97 @@
-"""Exact checkpoints: ``state_dict`` with the sampling RNG, a ``load_state_dict`` that refuses
-another model's state before loading anything, and pickling. A mixin of
-:class:`~torch_proxvi.ProxScoreOptimizer`."""
+"""Exact checkpoints: ``state_dict`` with the sampling RNG, a ``load_state_dict`` that checks
+everything before it changes anything (:mod:`torch_proxvi._load_validation`), and pickling. A
+mixin of :class:`~torch_proxvi.ProxScoreOptimizer`."""
 
 from __future__ import annotations
 
-from itertools import chain
+from collections import defaultdict
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._load_validation import EXTRAS, prepare
+
 __all__ = ["Checkpointing"]
 
 
-EXTRAS = "proxvi"
-
-
 class Checkpointing:
-    """Adds the optimizer's own entries (seed, RNG states, skip count) to torch's state_dict.
+    """Adds the optimizer's own entries to torch's state_dict and checks a state_dict on loading.
 
-    They are stored twice: under the top-level key ``"proxvi"``, and inside the state of the
-    first parameter that has state. ``torch.distributed.checkpoint``'s
-    ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` (the FSDP2 way to checkpoint)
-    keep only ``"state"`` and ``"param_groups"``; the second copy survives them.
+    ``state_dict()`` is torch's, completed before torch's state_dict post-hooks run:
+
+    * every parameter that requires grad and has not stepped yet gets the full initial state (the
+      state its first step would create, at step 0): so the template that
+      ``torch.distributed.checkpoint``'s ``get_state_dict`` builds from a fresh optimizer names every
+      entry, also with ``prior_mean="init"`` (whose prior means are state before any step), and a
+      checkpoint has the same entries whichever parameters have stepped. A state at step 0 loads as
+      "not stepped" (only the prior mean is kept), so nothing changes for those parameters;
+    * the extras (the class that saved it, seed, RNG states, skip count) under the top-level key
+      ``"proxvi"`` and again inside the first parameter's state: ``get_optimizer_state_dict`` /
+      ``set_optimizer_state_dict`` keep only ``"state"`` and ``"param_groups"``; the second copy
+      survives them.
+
+    ``load_state_dict()`` runs torch's load pre-hooks, checks everything (refusing with a
+    ValueError before anything changes), installs the state, then runs the post-hooks.
     """
 
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        extras = {
-            "seed": self._seed,
-            "skipped_steps": self.skipped_steps,
-            "rng": {dev: g.get_state() for dev, g in self._generators.items()},
-        }
-        sd[EXTRAS] = extras
-        if sd["state"]:
-            first = next(iter(sd["state"]))
-            sd["state"][first] = {**sd["state"][first], EXTRAS: extras}
-        return sd
+        handle = self.register_state_dict_post_hook(Checkpointing._complete_state_dict, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
+    def _complete_state_dict(self, sd: dict[str, Any]) -> dict[str, Any]:
+        state = dict(sd["state"])
+        params = [(g, p) for g in self.param_groups for p in g["params"]]  # torch's numbering
+        for i, (group, p) in enumerate(params):
+            if p.requires_grad and not self._has_posterior(p):
+                state[i] = {**self._initial_state(p, group), **state.get(i, {})}
+        extras = {"optimizer": type(self).__name__, "seed": self._seed, "skipped_steps": self.skipped_steps,
+                  "rng": self._rng_states(p.device for _, p in params)}
+        first = next((i for i in range(len(params)) if isinstance(state.get(i), dict)), None)
+        if first is not None:
+            state[first] = {**state[first], EXTRAS: extras}
+        return {**sd, "state": state, EXTRAS: extras}
+
+    def _rng_states(self, devices) -> dict[str, Tensor]:
+        """The RNG state of every generator and of every device in ``devices``: one not made yet
+        gives the state it will start from (so that a template from a fresh optimizer has the
+        entry too)."""
+        states = {dev: g.get_state() for dev, g in self._generators.items()}
+        for device in devices:
+            if str(device) not in states:
+                states[str(device)] = torch.Generator(device=device).manual_seed(self._seed).get_state()
+        return states
+
+    def _initial_state(self, p: Tensor, group: dict) -> dict[str, Any]:
+        """The state that ``p``'s first step creates (without the prior mean)."""
+        state: dict[str, Any] = {}
+        self._family(group).init_state(state, p, group)
+        return state
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop(EXTRAS, None)
-        state_dict["state"] = dict(state_dict.get("state", {}))
-        for pid, saved in state_dict["state"].items():
-            if EXTRAS in saved:
-                saved = dict(saved)
-                nested = saved.pop(EXTRAS)
-                extra = nested if extra is None else extra
-                state_dict["state"][pid] = saved
-        if extra is None:
-            raise ValueError("this state_dict was not saved by ProxScoreOptimizer (no 'proxvi' "
-                             "entry): load a state_dict from ProxScoreOptimizer.state_dict()")
-        saved_sizes = [len(g["params"]) for g in state_dict["param_groups"]]
-        sizes = [len(g["params"]) for g in self.param_groups]
-        if saved_sizes != sizes:
-            raise ValueError(
-                f"state_dict does not match this model: its parameter groups hold {saved_sizes} "
-                f"parameters where this optimizer's groups hold {sizes}; load a checkpoint of the "
-                f"same model with the same param_groups")
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        id_map = dict(zip(saved_ids, params))
-        for pid, saved in state_dict["state"].items():
-            p = id_map.get(pid)
-            for key, v in saved.items():
-                if p is None or key == "step" or not torch.is_tensor(v):
-                    continue
-                expected = self._state_shape(p, key)
-                if tuple(v.shape) != expected:
-                    raise ValueError(
-                        f"state_dict does not match this model: saved {key!r} of shape "
-                        f"{tuple(v.shape)} where this optimizer needs {expected} (parameter of "
-                        f"shape {tuple(p.shape)}); load a checkpoint of the same model and "
-                        f"parameter order")
-        super().load_state_dict(state_dict)
-        # torch casts state to the parameter dtype; the variational state stays float32/64.
-        for pid, saved in state_dict["state"].items():
-            p = id_map.get(pid)
-            if p is not None:
-                for k, v in saved.items():
-                    if k != "step":
-                        self.state[p][k] = v.to(device=p.device, copy=True)
-        self._seed = int(extra["seed"])
-        self.skipped_steps = int(extra["skipped_steps"])
-        for dev, rng_state in extra["rng"].items():
-            self._generator(torch.device(dev)).set_state(rng_state.cpu())
-
-    def _state_shape(self, p: Tensor, key: str) -> tuple[int, ...]:
-        """The shape of state entry ``key`` of parameter ``p`` (checked when loading)."""
-        group = self._group_of(p)
-        return self._family(group).state_shape(p, key, group)
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        load = prepare(self, state_dict)  # raises before anything changes
+        load.warn_absent()
+        state: defaultdict[Any, dict] = defaultdict(dict)
+        state.update(load.state)
+        self.__setstate__({"state": state, "param_groups": load.param_groups})
+        self._seed = load.seed
+        self.skipped_steps = load.skipped_steps
+        for dev, g in self._generators.items():  # a generator without a saved state: the saved seed
+            if dev not in load.rng:
+                g.manual_seed(self._seed)
+        for dev, rng_state in load.rng.items():
+            self._generator(torch.device(dev)).set_state(rng_state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -1,10 +1,13 @@
 """Reading the posterior: mean and std per parameter, the weight-swapping contexts, train/eval
-and the predictive. A mixin of :class:`~torch_proxvi.ProxScoreOptimizer` (and its baselines)."""
+(how they compose, and where a step or a checkpoint would lose the training sample) and the
+predictive. A mixin of :class:`~torch_proxvi.ProxScoreOptimizer` (and its baselines)."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,7 +19,8 @@ __all__ = ["PosteriorAccess"]
 
 
 class PosteriorAccess:
-    """Uses the optimizer's ``state``, ``_params``, ``_group_of``, ``_family``, ``_draw``.
+    """Uses the optimizer's ``state``, ``_params``, ``_group_of``, ``_family``, ``_draw``,
+    ``_seed``, and ``_mode`` / ``_held`` (set in ``__init__``: train mode, nothing held).
 
     Before its first step a parameter's posterior is the family's starting point, which for
     every family is mean = the weights, marginal std = ``init_std``.
@@ -49,6 +53,28 @@ class PosteriorAccess:
             return torch.full(p.shape, float(group["init_std"]), dtype=state_dtype(p), device=p.device)
         return self._summaries([(group, p)], "std")[p]
 
+    # ------------------------------------------------------------------ what the weights hold
+    # The weights hold the training sample, or a value swapped in over it: the posterior mean in
+    # eval mode, or the values of the open contexts (mean_params, sampled_params), which nest.
+    # While anything is swapped in, ``_held`` keeps the training sample (and only then). Outside
+    # any context the mode decides what the weights show; inside, the innermost context does,
+    # and eval()/train() there only set the mode that applies when the last context ends.
+    _open = 0                 # open contexts (a class default: __init__ belongs to the optimizer)
+    _warned_mc_samples = False
+
+    def _swapping_in(self) -> bool:
+        return self._mode != "train" or self._open > 0
+
+    def _set_aside_sample(self, pairs) -> None:
+        """Keep the training sample in ``_held`` if the weights hold it (before a swap)."""
+        if not self._swapping_in():
+            self._held = {p: p.detach().clone() for _, p in pairs}
+
+    @torch.no_grad()
+    def _show(self, values) -> None:
+        for p, value in values.items():
+            p.copy_(value)
+
     @contextlib.contextmanager
     def mean_params(self) -> Iterator[None]:
         """Within the block the weights hold the posterior mean; restored afterwards."""
@@ -61,50 +87,109 @@ class PosteriorAccess:
     ) -> Iterator[Callable[[], None]]:
         """Within the block the weights hold a fresh posterior sample; restored afterwards.
 
-        Yields a function that redraws the sample. Draws from ``generator`` (default: torch's
-        global RNG), never from the training RNG, so evaluation does not change training.
+        Yields a function that redraws the sample. Draws from ``generator``, by default from the
+        optimizer's evaluation generator (seeded from the optimizer's seed); never from the
+        training RNG nor torch's global RNG, so evaluating changes neither training nor the
+        shuffling and dropout of the rest of the program.
         """
-        with self._swapped(lambda pairs: self._draw(pairs, lambda device: generator)) as redraw:
+        def generator_of(device: torch.device) -> torch.Generator:
+            return generator if generator is not None else self._evaluation_generator(device)
+
+        with self._swapped(lambda pairs: self._draw(pairs, generator_of)) as redraw:
             yield redraw
+
+    def _evaluation_generator(self, device: torch.device) -> torch.Generator:
+        """The default generator of ``sampled_params`` and ``predictive`` on ``device``: its own
+        stream, seeded from the optimizer's seed (shared by all ranks under torch.distributed)."""
+        generators = self.__dict__.setdefault("_evaluation_generators", {})
+        key = str(device)
+        if key not in generators:
+            seed = (self._seed + 0x9E3779B97F4A7C15) % 2**63  # another stream than training's
+            generators[key] = torch.Generator(device=device).manual_seed(seed)
+        return generators[key]
 
     @contextlib.contextmanager
     def _swapped(self, values: Callable[[list], dict[Tensor, Tensor]]) -> Iterator[Callable[[], None]]:
         pairs = list(self._params(with_state=True))
-        saved = [(p, p.detach().clone()) for _, p in pairs]
+        mode = self._mode
+        self._set_aside_sample(pairs)
+        # what the weights hold now: the training sample (already in _held), or a swapped value
+        entry = self._held if not self._swapping_in() else {p: p.detach().clone() for _, p in pairs}
 
-        @torch.no_grad()
         def write() -> None:
-            for p, value in values(pairs).items():
-                p.copy_(value)
+            self._show(values(pairs))
 
+        self._open += 1
         try:
             write()
             yield write
         finally:
-            with torch.no_grad():
-                for p, old in saved:
-                    p.copy_(old)
+            self._open -= 1
+            if self._open or self._mode == mode:
+                self._show(entry)                                  # exactly what was there
+            elif self._mode == "eval":
+                self._show(self._summaries(pairs, "mean"))         # eval() was called inside
+            else:
+                self._show(self._held)                             # train() was called inside
+            if not self._swapping_in():
+                self._held = {}
 
     def eval(self) -> None:
-        """Put the posterior mean into the weights (keeps the training sample for ``train()``)."""
+        """Put the posterior mean into the weights (keeps the training sample for ``train()``).
+        Inside ``mean_params()`` / ``sampled_params()`` it only sets the mode, which applies when
+        the block ends."""
         if self._mode == "eval":
             return
-        with torch.no_grad():
-            pairs = list(self._params(with_state=True))
-            for p, mean in self._summaries(pairs, "mean").items():
-                self._held[p] = p.detach().clone()
-                p.copy_(mean)
+        pairs = list(self._params(with_state=True))
+        self._set_aside_sample(pairs)
         self._mode = "eval"
+        if not self._open:
+            self._show(self._summaries(pairs, "mean"))
 
     def train(self) -> None:
-        """Put back the training sample that ``eval()`` set aside."""
+        """Put back the training sample that ``eval()`` set aside. Inside ``mean_params()`` /
+        ``sampled_params()`` it only sets the mode, which applies when the block ends."""
         if self._mode == "train":
             return
-        with torch.no_grad():
-            for p, sample in self._held.items():
-                p.copy_(sample)
-        self._held.clear()
         self._mode = "train"
+        if not self._open:
+            self._show(self._held)
+            self._held = {}
+
+    def _check_step(self, closure) -> None:
+        """Called first by ``step()``: refuse a step, before anything changes, where the weights
+        do not hold the training sample; warn once when ``mc_samples > 1`` has no closure."""
+        name = type(self).__name__
+        if self._open:
+            raise RuntimeError(
+                f"{name}.step() called inside mean_params() or sampled_params(): the weights hold "
+                f"swapped-in values, and the fresh sample the step writes would be overwritten when "
+                f"the block ends; call step() after the `with` block")
+        if self._mode != "train":
+            raise RuntimeError(f"{name}.step() called in eval mode: the weights hold the posterior "
+                               f"mean; call optimizer.train() first")
+        if closure is None and not self._warned_mc_samples:
+            k = max(g["mc_samples"] for g in self.param_groups)
+            if k > 1:
+                self._warned_mc_samples = True
+                warnings.warn(
+                    f"{name}: mc_samples={k} but step() got no closure, so the step used the one "
+                    f"sample in the weights (K = 1); pass step() a closure (zero grads, forward, "
+                    f"backward, return the loss) to draw K samples, or set mc_samples=1",
+                    UserWarning, stacklevel=5)  # past step() and torch's no_grad and hook wrappers
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._swapping_in():
+            where = ("inside mean_params() or sampled_params()" if self._open
+                     else "in eval mode")
+            warnings.warn(
+                f"{type(self).__name__}.state_dict() called {where}: the weights hold the "
+                f"posterior mean or another sample, not the training sample, so a checkpoint "
+                f"with model.state_dict() taken now would resume from other weights; call "
+                f"optimizer.train() before saving (after the `with` block), then eval() again (with "
+                f"the Hugging Face Trainer: add torch_proxvi.integrations.hf.PosteriorMeanCallback)",
+                UserWarning, stacklevel=2)
+        return super().state_dict()
 
     def predictive(self, model: torch.nn.Module, inputs, n_samples: int = 32,
                    likelihood: str = "classification",

@@ -18,8 +18,19 @@ from torch.optim import Optimizer
 from . import families, kernels
 from ._checkpoint import Checkpointing
 from ._posterior_access import PosteriorAccess
-from ._validation import _REQUIRED, check_joint, check_sparse, gradients_finite, scores_finite, validate_group
-from .families import Family, state_dtype
+from ._validation import (
+    _REQUIRED,
+    NON_FINITE,
+    check_group_keys,
+    check_joint,
+    check_sparse,
+    gradient_codes,
+    scores_finite,
+    skip_cause,
+    validate_flags,
+    validate_group,
+)
+from .families import Family, SkipStep, state_dtype
 
 __all__ = ["ProxScoreOptimizer"]
 
@@ -145,12 +156,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         for key in options:
             if key not in declared:
                 raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
-        for name, value in (("foreach", foreach), ("compiled", compiled)):
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"Invalid {name}: {value!r} (True, False or None)")
-        if compiled and foreach is False:
-            raise ValueError("Invalid compiled=True with foreach=False: compiled=True runs the packed fast step, "
-                             "foreach=False the single-tensor reference; choose one")
+        validate_flags(foreach, compiled, generator)
         defaults = dict(
             lr=lr, dataset_size=dataset_size, prior_precision=prior_precision,
             prior_mean=prior_mean, family=family, rule=rule, init_std=init_std, mc_samples=mc_samples,
@@ -177,6 +183,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            check_group_keys(group, self.defaults)
             validate_group(group)
             self._family(group).validate(group)
         except (TypeError, ValueError, ImportError):
@@ -280,27 +287,70 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         Without ``closure`` the current weights (a sample of q_t) and their ``.grad`` are used.
         With ``closure`` (zero grads, forward, backward, return loss) it is called once for each
         of K = ``mc_samples`` fresh samples (the largest over the groups) and the mean of the
-        returned losses is returned. A step with non-finite gradients changes nothing (weights,
-        state, RNG) and warns; a closure that raises leaves everything as it was too.
+        returned losses is returned. A step with non-finite gradients, or with a gradient whose
+        score ``dataset_size / temperature * grad`` would overflow Adam's second moment, changes
+        nothing (weights, state, RNG), warns naming the cause and counts in ``skipped_steps``; so
+        does a family that refuses a step whose result would not be finite; a closure that raises
+        leaves everything as it was too.
         """
-        if self._mode != "train":
-            raise RuntimeError("ProxScoreOptimizer.step() called in eval mode: the weights hold "
-                               "the posterior mean; call optimizer.train() first")
+        self._check_step(closure)  # the weights must hold the training sample (_posterior_access)
         if closure is not None:
-            loss, work, stats = self._sample_and_score(closure)
-            for group, params in self._batches(work):
-                self._family(group).update(group, [self.state[p] for p in params], [stats[p] for p in params],
-                                           generator=self._generator(params[0].device), path=self._path(group))
+            loss, work, stats, undo = self._sample_and_score(closure)
+            if not work:
+                return loss
+            batches = self._batches(work)
+            saved = self._save_for_skip(batches)
+            try:
+                for group, params in batches:
+                    self._family(group).update(group, [self.state[p] for p in params], [stats[p] for p in params],
+                                               generator=self._generator(params[0].device), path=self._path(group))
+            except SkipStep as refusal:
+                self._restore(saved)
+                undo()
+                return self._skip(loss, (*refusal.args, "")[:2])
             self._write_samples(work)
             return loss
         work = [(g, p) for g, p in self._params() if p.grad is not None]
         self._check_work(work)
-        if not gradients_finite(work):
-            return self._skip(None)
-        for group, params in self._batches(work):
-            self._family(group).step(group, params, [self.state[p] for p in params],
-                                     self._generator(params[0].device), path=self._path(group))
+        cause = skip_cause(gradient_codes(work))
+        if cause is not None:
+            return self._skip(None, cause)
+        had_state = {p for _, p in work if self._has_posterior(p)}
+        batches = self._batches(work)
+        saved = self._save_for_skip(batches, with_weights=True)
+        rng = {dev: gen.get_state() for dev, gen in self._generators.items()} if saved else {}
+        try:
+            for group, params in batches:
+                self._family(group).step(group, params, [self.state[p] for p in params],
+                                         self._generator(params[0].device), path=self._path(group))
+        except SkipStep as refusal:
+            self._restore(saved)
+            for dev, state in rng.items():
+                self._generators[dev].set_state(state)
+            for _, p in work:
+                if p not in had_state:
+                    self._forget(p)
+            return self._skip(None, (*refusal.args, "")[:2])
         return None
+
+    def _save_for_skip(self, batches, with_weights: bool = False) -> list[tuple[Tensor, Tensor]]:
+        """Copies of what a step of ``batches`` writes, when one of their families may refuse it
+        (:class:`~torch_proxvi.families.SkipStep`) after an earlier batch moved: the state tensors
+        (and the weights) of every batch but the last. Empty when nothing can be refused."""
+        if not any(self._family(group).may_skip for group, _ in batches) or len(batches) < 2:
+            return []
+        saved = []
+        for _, params in batches[:-1]:
+            for p in params:
+                saved += [(t, t.clone()) for t in self.state[p].values() if torch.is_tensor(t)]
+                if with_weights:
+                    saved.append((p.detach(), p.detach().clone()))
+        return saved
+
+    @staticmethod
+    def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+        for tensor, copy in saved:
+            tensor.copy_(copy)
 
     def _score_of(self, group: dict, p: Tensor, state: dict) -> tuple[Tensor, Tensor]:
         """The sample in ``p`` (state dtype, a copy) and its score estimate from ``p.grad``."""
@@ -309,7 +359,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         return theta, kernels.score(p.grad.to(theta.dtype), theta, state.get("prior_mean"), h)
 
     def _sample_and_score(self, closure):
-        """Call ``closure`` at K samples of q_t; return (mean loss, stepped params, stats).
+        """Call ``closure`` at K samples of q_t; return (mean loss, stepped params, stats, undo),
+        ``undo()`` putting weights, state and RNG back as they were before (for a refused update).
 
         Parameters that get no gradient keep their weights and get no state. Anything that goes
         wrong (an exception, non-finite gradients) restores weights, state and RNG.
@@ -330,6 +381,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             for dev, state in rng.items():
                 self._generators[dev].set_state(state)
 
+        codes = []
         try:
             for _ in range(k_samples):
                 for g, p in candidates:
@@ -339,6 +391,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                     losses.append(closure())
                 with_grad = [(g, p) for g, p in candidates if p.grad is not None]
                 self._check_work(with_grad)
+                codes += gradient_codes(with_grad)
                 for g, p in with_grad:
                     theta, s = self._score_of(g, p, self.state[p])
                     stats[p] = self._family(g).collect(g, self.state[p], theta, s, stats.get(p), 1.0 / k_samples)
@@ -347,21 +400,23 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             raise
         loss = None if losses[0] is None else torch.stack(
             [torch.as_tensor(v).detach().float() for v in losses]).mean()
-        if not scores_finite(stats):
+        cause = skip_cause(codes) or (None if scores_finite(stats) else NON_FINITE)
+        if cause is not None:
             undo()
-            return self._skip(loss), [], {}
+            return self._skip(loss, cause), [], {}, undo
         for (_, p), saved in zip(candidates, backup):
             if p not in stats:  # no gradient: untouched
                 p.copy_(saved)
                 if p not in had_state:
                     self._forget(p)
-        return loss, [(g, p) for g, p in candidates if p in stats], stats
+        return loss, [(g, p) for g, p in candidates if p in stats], stats, undo
 
-    def _skip(self, loss):
+    def _skip(self, loss, cause: tuple[str, str]):
+        """Count and announce a skipped step; ``cause`` is (what happened, what to do)."""
         self.skipped_steps += 1
+        reason, advice = cause
         warnings.warn(
-            f"ProxScoreOptimizer skipped a step because of non-finite gradients "
-            f"({self.skipped_steps} skipped so far); the posterior and the weights are "
-            f"unchanged. Lower the learning rate or use a GradScaler if this repeats.",
+            f"ProxScoreOptimizer skipped a step because of {reason} ({self.skipped_steps} skipped so far); "
+            f"the posterior and the weights are unchanged. {advice}".rstrip(),
             RuntimeWarning, stacklevel=3)
         return loss

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validation import check_count
+
 __all__ = ["predictive", "model_output"]
 
 _LIKELIHOODS = ("classification", "regression")
@@ -36,12 +38,14 @@ def predictive(optimizer, model: torch.nn.Module, inputs: Any, *, n_samples: int
     shape ``[B, C]`` (float32). ``likelihood="regression"``: ``(mean, variance)`` of the model
     output over the samples (the epistemic part; add the noise variance yourself).
 
-    Runs under ``torch.no_grad()``, leaves the weights as it found them, and draws from
-    ``generator`` (default: torch's global RNG), never from the optimizer's training RNG. The
-    model's train/eval mode is left to the caller (call ``model.eval()`` to disable dropout).
+    Runs under ``torch.no_grad()`` and leaves the weights as it found them. Draws from
+    ``generator``, by default from the optimizer's evaluation generator (its own stream, seeded
+    from the optimizer's seed): never from the training RNG nor torch's global RNG, so evaluating
+    changes neither training nor the shuffling and dropout that follow. Successive calls draw new
+    samples; pass a seeded ``generator`` to repeat a result. The model's train/eval mode is left
+    to the caller (call ``model.eval()`` to disable dropout).
     """
-    if not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"Invalid n_samples: {n_samples!r} (must be an int >= 1)")
+    check_count("n_samples", n_samples, 1)
     if likelihood not in _LIKELIHOODS:
         raise ValueError(f"Invalid likelihood: {likelihood!r} (choose one of {_LIKELIHOODS})")
     # Sums of (out - first) and its square: the shift keeps the variance free of cancellation.

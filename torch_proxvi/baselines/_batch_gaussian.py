@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .._validation import _REQUIRED, _check
-from ..families import Family
+from ..families import Family, SkipStep
 from ..families._proximal import ScoreSamples
 from ..families.base import state_dtype
 from ..kernels import gaussian as kernel
@@ -40,6 +40,13 @@ def symmetric_sqrt(matrix: Tensor) -> Tensor:
     """The symmetric square root of a symmetric positive semi-definite matrix."""
     values, vectors = torch.linalg.eigh(matrix)
     return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def _check_finite(tensors: list[Tensor], owner: str = "") -> None:
+    """Refuse (:class:`SkipStep`) an update whose result is not finite; one sync."""
+    if not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+        raise SkipStep(f"a non-finite result of {owner}'s closed-form update (scores too large for the "
+                       f"state's dtype)", "Lower the learning rate, or check the loss's scale, if this repeats.")
 
 
 def _offsets(group: dict) -> tuple[dict[Tensor, int], int]:
@@ -58,6 +65,7 @@ class BatchGaussian(Family):
     options = {"covariance": "diagonal"}
     #: the optimizer that owns the family (its name in error messages)
     owner = ""
+    may_skip = True
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -108,7 +116,7 @@ class BatchGaussian(Family):
     def _joint(states: list[dict]) -> tuple[Tensor, Tensor]:
         """The group's mean [D] and covariance [D, D] assembled from its parameters' state."""
         mean = torch.cat([st["mean"].reshape(-1) for st in states])
-        cov = torch.cat([st["covariance"].reshape(st["mean"].numel(), -1) for st in states])
+        cov = torch.cat([st["covariance"].reshape(st["mean"].numel(), st["covariance"].shape[-1]) for st in states])
         return mean, cov
 
     # ------------------------------------------------------------------ the density
@@ -128,7 +136,7 @@ class BatchGaussian(Family):
         noise = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
         flat = mean + noise @ factor.T
         sizes = [st["mean"].numel() for st in states]
-        return [part.reshape(*flat.shape[:-1], *st["mean"].shape) for part, st in zip(flat.split(sizes, -1), states)]
+        return [part.reshape(flat.shape[:-1] + st["mean"].shape) for part, st in zip(flat.split(sizes, -1), states)]
 
     def mean(self, group, params, states):
         return [st["mean"] for st in states]
@@ -139,7 +147,7 @@ class BatchGaussian(Family):
         offsets = _offsets(group)[0]
         out = []
         for p, st in zip(params, states):
-            rows = st["covariance"].reshape(p.numel(), -1)
+            rows = st["covariance"].reshape(p.numel(), st["covariance"].shape[-1])
             index = torch.arange(p.numel(), device=rows.device)
             out.append(rows[index, index + offsets[p]].clamp_min(0).sqrt().view_as(p))
         return out
@@ -149,12 +157,15 @@ class BatchGaussian(Family):
         return ScoreSamples.collect(acc, theta, score)
 
     def update(self, group, states, accs, *, generator, path="single"):
-        for state in states:
-            state["step"] += 1
+        """The closed-form update, computed aside and checked before anything is written: a result
+        that is not finite, or a decomposition that fails, raises :class:`SkipStep` (the optimizer
+        skips the step and nothing changes)."""
         if group["covariance"] == "diagonal":
-            for state, st in zip(states, accs):
-                new_mean, new_var = self.diagonal_update(state["mean"], kernel.std(state) ** 2,
-                                                         torch.stack(st.theta), torch.stack(st.score), group["lr"])
+            results = [self.diagonal_update(state["mean"], kernel.std(state) ** 2, torch.stack(st.theta),
+                                            torch.stack(st.score), group["lr"]) for state, st in zip(states, accs)]
+            _check_finite([t for pair in results for t in pair], self.owner)
+            for state, (new_mean, new_var) in zip(states, results):
+                state["step"] += 1
                 state["mean"].copy_(new_mean)
                 state["log_scale"].copy_(0.5 * new_var.clamp_min(1e-300).log()).clamp_(
                     kernel.LOG_SCALE_MIN, kernel.LOG_SCALE_MAX)
@@ -162,11 +173,18 @@ class BatchGaussian(Family):
         mean, cov = self._joint(states)   # a dense group steps as a whole, in group order
         theta = torch.stack([torch.cat([st.theta[k].reshape(-1) for st in accs]) for k in range(len(accs[0].theta))])
         score = torch.stack([torch.cat([st.score[k].reshape(-1) for st in accs]) for k in range(len(accs[0].score))])
-        new_mean, new_cov = self.dense_update(mean, cov, theta, score, group["lr"])
+        try:
+            new_mean, new_cov = self.dense_update(mean, cov, theta, score, group["lr"])
+        except torch.linalg.LinAlgError as error:
+            raise SkipStep(f"a failed decomposition in {self.owner}'s dense update ({str(error).splitlines()[0]}), "
+                           f"likely scores too large for {str(mean.dtype).removeprefix('torch.')}",
+                           "Lower the learning rate, or use float64 parameters, if this repeats.") from None
         new_cov = 0.5 * (new_cov + new_cov.T)
+        _check_finite([new_mean, new_cov], self.owner)
         start = 0
         for st in states:
             n = st["mean"].numel()
+            st["step"] += 1
             st["mean"].copy_(new_mean[start:start + n].view_as(st["mean"]))
             st["covariance"].copy_(new_cov[start:start + n].view_as(st["covariance"]))
             start += n

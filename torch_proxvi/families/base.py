@@ -36,7 +36,14 @@ from torch import Tensor
 
 from ..kernels import StepHyper, score
 
-__all__ = ["Family", "get", "names", "register", "state_dtype"]
+__all__ = ["Family", "SkipStep", "get", "names", "register", "state_dtype"]
+
+
+class SkipStep(ArithmeticError):
+    """Raised by a family's ``update`` (or ``step``) *before it changes anything* when the step's
+    result would not be finite (or a decomposition it needs fails); the optimizer then skips the
+    step, restores weights and RNG, warns and counts it in ``skipped_steps``. Its arguments:
+    what happened (a clause: "...skipped a step because of <it>") and, optionally, what to do."""
 
 
 def state_dtype(p: Tensor) -> torch.dtype:
@@ -69,6 +76,9 @@ class Family:
     rules: tuple[str, ...] = ("proximal",)
     #: group keys of the family's own, with their defaults (optimizer keyword arguments too)
     options: dict[str, Any] = {}
+    #: whether ``update`` may raise :class:`SkipStep` (the optimizer then keeps a copy of the
+    #: state of a step with several batches, so that a later batch's refusal undoes the earlier)
+    may_skip: bool = False
 
     def is_joint(self, group: dict[str, Any]) -> bool:
         """Whether the family models all parameters of ``group`` together."""

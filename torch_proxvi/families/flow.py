@@ -43,6 +43,7 @@ each transform's last layer has ``D * (3 * bins - 1) * hidden`` weights.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -109,7 +110,8 @@ _TEMPLATES: dict[tuple, tuple[_Transform, list[str], list[torch.Size]]] = {}
 def _options(group: dict) -> dict[str, Any]:
     options = dict(DEFAULT_OPTIONS)
     options.update(group.get("flow_options") or {})
-    options["hidden_features"] = tuple(options["hidden_features"])
+    if isinstance(options["hidden_features"], list):
+        options["hidden_features"] = tuple(options["hidden_features"])
     return options
 
 
@@ -132,6 +134,29 @@ def _template(group: dict, dim: int, dtype: torch.dtype, device) -> tuple[_Trans
         names, shapes = zip(*[(n, p.shape) for n, p in module.named_parameters()])
         _TEMPLATES[key] = (module, list(names), list(shapes))
     return _TEMPLATES[key]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+#: each flow option's rule: (check, what it must be)
+_OPTION_RULES: dict[str, tuple[Any, str]] = {
+    "transforms": (lambda v: _is_int(v) and v >= 1, "an int >= 1: the pairs of coupling layers"),
+    "hidden_features": (lambda v: isinstance(v, (tuple, list)) and len(v) >= 1
+                        and all(_is_int(h) and h >= 1 for h in v),
+                        "a non-empty tuple of ints >= 1: the hyper-networks' widths"),
+    "bins": (lambda v: _is_int(v) and v >= 1, "an int >= 1: the spline's knots"),
+    "lr_ratio": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 <= v < math.inf,
+                 "a finite float >= 0: the network's lr relative to lr"),
+    "delay": (lambda v: _is_int(v) and v >= 0, "an int >= 0: the steps before the flow's network starts to learn"),
+}
+
+
+def _validate_options(options: dict[str, Any]) -> None:
+    for key, (ok, rule) in _OPTION_RULES.items():
+        if not ok(options[key]):
+            raise ValueError(f"Invalid flow_options[{key!r}]: {options[key]!r} (must be {rule})")
 
 
 def _dim(group: dict) -> int:
@@ -164,10 +189,7 @@ class DenseFlow(Family):
         if options is not None and (not isinstance(options, dict) or set(options) - set(DEFAULT_OPTIONS)):
             raise ValueError(f"Invalid flow_options: {options!r} (a dict with keys among "
                              f"{sorted(DEFAULT_OPTIONS)}, e.g. {{'transforms': 3, 'hidden_features': (64, 64)}})")
-        delay = _options(group)["delay"]
-        if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
-            raise ValueError(f"Invalid flow_options['delay']: {delay!r} (an int >= 0: the steps before the "
-                             f"flow's network starts to learn)")
+        _validate_options(_options(group))
         p = group["params"][0]
         _template(group, dim, state_dtype(p), p.device)  # zuko present, options accepted
 
@@ -228,7 +250,7 @@ class DenseFlow(Family):
         """Flat [..., D] back to tensors shaped like ``like`` (leading dimensions kept)."""
         out, start = [], 0
         for t in like:
-            out.append(flat[..., start:start + t.numel()].reshape(*flat.shape[:-1], *t.shape))
+            out.append(flat[..., start:start + t.numel()].reshape(flat.shape[:-1] + t.shape))
             start += t.numel()
         return out
 
@@ -248,7 +270,7 @@ class DenseFlow(Family):
         if states is None:
             return torch.cat([t.reshape(-1) for t in thetas])
         batch = thetas[0].shape[:thetas[0].dim() - states[0]["loc"].dim()]
-        return torch.cat([t.reshape(*batch, -1) for t in thetas], -1)
+        return torch.cat([t.reshape(*batch, st["loc"].numel()) for t, st in zip(thetas, states)], -1)
 
     def log_prob(self, group, states, thetas):
         return self._log_prob(self._parts(group, states), self._flat(thetas, states))

@@ -30,7 +30,8 @@ Example::
         trainer.save_model("out/posterior-mean")
 
 ``max_grad_norm=0.0`` turns off the Trainer's gradient clipping (default 1.0): clipping shrinks the
-likelihood score against the prior and so biases the posterior.
+likelihood score against the prior and so biases the posterior. :class:`PosteriorMeanCallback`
+warns when training begins with clipping on (it leaves the user's arguments as they are).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ class PosteriorMeanCallback(TrainerCallback):
     begins; this callback calls ``optimizer.train()`` in ``on_evaluate`` and ``on_predict``, so that
     after an evaluation the weights are exactly what they were before it.
 
+    When training begins with the Trainer's gradient clipping on (``max_grad_norm > 0``; its
+    default is 1.0) it warns: clipping shrinks the likelihood score against the prior, so the
+    posterior is biased; pass ``TrainingArguments(max_grad_norm=0.0)``.
+
     Args:
         optimizer: the torch_proxvi optimizer; default: the ``optimizer`` the Trainer passes to
             callbacks (the one given in ``Trainer(optimizers=(opt, scheduler))``).
@@ -88,6 +93,13 @@ class PosteriorMeanCallback(TrainerCallback):
                           "posterior sample, not of the posterior mean (update transformers, or wrap the "
                           "evaluation in `with optimizer.mean_params():`)", RuntimeWarning, stacklevel=2)
         opt.train()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        norm = getattr(args, "max_grad_norm", None)
+        if norm is not None and norm > 0:
+            warnings.warn(f"the Trainer clips gradients (max_grad_norm={norm}): clipping shrinks the likelihood "
+                          f"score against the prior and biases the posterior; pass "
+                          f"TrainingArguments(max_grad_norm=0.0)", UserWarning, stacklevel=2)
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._restore(kwargs)
@@ -131,8 +143,9 @@ def bayesian_predict(
     (training sample, or the mean in eval mode) and the optimizer's training RNG are left as they
     were. ``seed`` makes the result reproducible and uses the same ``n_samples`` weight samples for
     every batch (one ensemble of ``n_samples`` networks); without it each batch draws its own from
-    torch's global RNG. ``labels`` is None when the items have no ``label_key``. ``optimizer`` may
-    also be ``trainer.optimizer`` (accelerate's wrapper).
+    the optimizer's evaluation generator (torch's global RNG is left alone). ``labels`` is None
+    when the items have no ``label_key``. ``optimizer`` may also be ``trainer.optimizer``
+    (accelerate's wrapper).
     """
     opt = unwrap_optimizer(optimizer)
     if not callable(getattr(opt, "predictive", None)):

@@ -52,15 +52,20 @@ def step(params: list[Tensor], states: list[dict], h: StepHyper, generator: torc
     ``chunk``, ``pack_all`` override the layout's defaults and ``kernel`` the compiled kernel
     (tests compare layouts and the eager kernel body)."""
     rule = RULES[h.rule]
-    if path == "single" or any(is_dtensor(p) for p in params):
+    if path not in PATHS:
+        raise ValueError(f"Invalid path: {path!r} (choose one of {PATHS})")
+    steps = [st["step"] for st in states]
+    live = [i for i, p in enumerate(params) if p.numel()]   # a zero-element tensor has nothing to update
+    params, states = [params[i] for i in live], [states[i] for i in live]
+    if not params:   # (only its step count moves)
+        pass
+    elif path == "single" or any(is_dtensor(p) for p in params):
         _single(rule, params, states, h, generator)
     elif path == "flat":
         _flat(rule, params, states, h, generator, chunk, pack_all)
-    elif path == "compiled":
-        _compiled(rule, params, states, h, generator, chunk, pack_all, kernel)
     else:
-        raise ValueError(f"Invalid path: {path!r} (choose one of {PATHS})")
-    torch._foreach_add_([st["step"] for st in states], float(h.inner_steps))
+        _compiled(rule, params, states, h, generator, chunk, pack_all, kernel)
+    torch._foreach_add_(steps, float(h.inner_steps))
 
 
 def _single(rule, params, states, h, generator) -> None:
@@ -164,27 +169,27 @@ def _compiled(rule, params, states, h, generator, chunk, pack_all, kernel) -> No
     keys = stream_keys(seed, torch.tensor([start for _, start, _ in calls], dtype=torch.int64, device=device))
     numbers, static = h.numbers(dtype, device), h.static()
     fn = kernel or (kernel_body if device.type in _failed else compiled_kernel())
-    for (indices, _, packed), key in zip(calls, keys):
-        if packed:
-            weights = [params[i].detach() for i in indices]
-            p = layout.flatten(weights).to(dtype)
-            grad = layout.flatten([params[i].grad for i in indices]).to(dtype)
-            state = {n: layout.flat_state(states, indices, n) for n in names}
-        else:
-            (i,) = indices
-            p, grad = params[i].detach().view(-1), params[i].grad.view(-1)
-            state = {n: states[i][n].view(-1) for n in names}
-        try:
-            with _recompile_limit():
+    with _recompile_limit():   # entered once per step: the patch costs ~40 us per call
+        for (indices, _, packed), key in zip(calls, keys):
+            if packed:
+                weights = [params[i].detach() for i in indices]
+                p = layout.flatten(weights).to(dtype)
+                grad = layout.flatten([params[i].grad for i in indices]).to(dtype)
+                state = {n: layout.flat_state(states, indices, n) for n in names}
+            else:
+                (i,) = indices
+                p, grad = params[i].detach().view(-1), params[i].grad.view(-1)
+                state = {n: states[i][n].view(-1) for n in names}
+            try:
                 fn(p, grad, state, key, numbers, static)
-        except Exception as error:  # the build failed: nothing ran; run this call and the rest eagerly
-            if fn is kernel_body:
-                raise
-            _disable_compiler(device, error)
-            fn = kernel_body
-            fn(p, grad, state, key, numbers, static)
-        if packed:
-            torch._foreach_copy_(weights, layout.unflatten(p, weights))
+            except Exception as error:  # the build failed: nothing ran; run this call and the rest eagerly
+                if fn is kernel_body:
+                    raise
+                _disable_compiler(device, error)
+                fn = kernel_body
+                fn(p, grad, state, key, numbers, static)
+            if packed:
+                torch._foreach_copy_(weights, layout.unflatten(p, weights))
 
 
 # ---------------------------------------------------------------------------- is there a compiler
