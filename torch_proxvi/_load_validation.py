@@ -90,7 +90,7 @@ def _check_extras(opt, extras: Any) -> tuple[int, int, dict[str, Tensor], list[s
     owner = extras.get("optimizer")
     if owner is not None and owner != name:
         raise _refuse(f"it was saved by {owner}, and this is {name}: their states hold other entries "
-                      f"and another update", f"load it into a {owner}, or start {name} afresh")
+                      f"and another update", f"load it into {owner}, or start {name} afresh")
     missing = [k for k in ("seed", "skipped_steps", "rng") if k not in extras]
     if missing:
         raise _refuse(f"its {EXTRAS!r} entry lacks {missing}", "load a complete state_dict")
