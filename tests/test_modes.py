@@ -147,22 +147,28 @@ def test_step_inside_a_context_is_refused_before_anything_changes(trained, data,
 
 
 @FAST
-def test_state_dict_while_the_weights_do_not_hold_the_training_sample_warns(trained):
+def test_state_dict_in_eval_mode_is_silent_and_inside_a_context_warns(trained):
+    """Eval mode: the state_dict holds the held training sample and the mode, so a checkpoint
+    there resumes exactly (below). Inside a context the weights hold the block's values, which a
+    model checkpoint taken there (in train mode) would resume from: that still warns."""
     model, opt = trained
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.state_dict()  # train mode: silent
-    opt.eval()
-    with pytest.warns(UserWarning, match=r"eval mode.*optimizer\.train\(\) before saving"):
-        opt.state_dict()
+        sd = opt.state_dict()  # train mode: silent, nothing held
+        assert sd["proxvi"]["mode"] == "train" and not any("held_sample" in e for e in sd["state"].values())
+        sample = weights(model)
+        opt.eval()
+        sd = opt.state_dict()  # eval mode: silent, the training sample of every parameter
+    assert sd["proxvi"]["mode"] == "eval"
+    assert_all_equal([sd["state"][i]["held_sample"] for i in range(len(sample))], sample)
     opt.train()
-    with opt.mean_params(), pytest.warns(UserWarning, match=r"mean_params\(\)"):
+    with opt.mean_params(), pytest.warns(UserWarning, match=r"mean_params\(\).*after the `with` block"):
         opt.state_dict()
 
 
 def _loop(model, opt, x, y, epochs, first=0, save_after=None, train_to_save=True):
     """A plain loop that evaluates in eval mode after each epoch and saves after epoch
-    ``save_after``: as the warning says (``train()`` before the save) or not."""
+    ``save_after``: in train mode (``train()`` before the save) or in eval mode."""
     ckpt = None
     for epoch in range(first, epochs):
         opt.train()
@@ -184,34 +190,167 @@ def _loop(model, opt, x, y, epochs, first=0, save_after=None, train_to_save=True
     return ckpt
 
 
-def _resume(make_model, ckpt, x, y):
+def _load(make_model, make_opt, ckpt, model_first=True):
     model = make_model(seed=5)
-    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
+    opt = make_opt(model.parameters())
     saved = torch.load(io.BytesIO(ckpt), weights_only=True)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    _loop(model, opt, x, y, 4, first=2)
-    return model, opt
+    for load in ((model, opt) if model_first else (opt, model)):
+        load.load_state_dict(saved["model" if load is model else "opt"])
+    return model, opt, saved
 
 
-def test_eval_loop_checkpoint_saved_as_the_warning_says_resumes_bit_identically(make_model, data):
+@FAST
+@pytest.mark.parametrize("train_to_save", [True, False], ids=["saved_in_train_mode", "saved_in_eval_mode"])
+@pytest.mark.parametrize("model_first", [True, False], ids=["model_first", "optimizer_first"])
+def test_eval_loop_checkpoint_resumes_bit_identically(make_opt, make_model, data, train_to_save, model_first):
+    """Saved after evaluating, in eval mode as well as after train(): loaded into a fresh model and
+    optimizer (either first), the next epoch's ``train()`` puts the training sample back and the
+    run continues bit for bit."""
+    x, y = data
+    model = make_model()
+    opt = make_opt(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt = _loop(model, opt, x, y, 4, save_after=1, train_to_save=train_to_save)
+    resumed, opt2, saved = _load(make_model, make_opt, ckpt, model_first)
+    assert opt2._mode == ("train" if train_to_save else "eval")
+    assert_all_equal(weights(resumed), list(saved["model"].values()))  # the model's: the mean in eval mode
+    if not train_to_save:
+        assert_all_equal(weights(resumed), means(opt2, resumed))
+        resumed.zero_grad()
+        F.cross_entropy(resumed(x), y).backward()
+        with pytest.raises(RuntimeError, match=r"eval mode.*optimizer\.train\(\) first"):
+            opt2.step()
+    _loop(resumed, opt2, x, y, 4, first=2)
+    assert_all_equal(weights(resumed), weights(model), "the resumed run diverged")
+    assert_all_equal(means(opt2, resumed), means(opt, model))
+
+
+def _bad_held(sd, what):
+    entry = sd["state"][1]
+    if what == "shape":
+        entry["held_sample"] = entry["held_sample"].reshape(-1)[:-1]
+    elif what == "dtype":
+        entry["held_sample"] = entry["held_sample"].double()
+    elif what == "not_a_tensor":
+        entry["held_sample"] = entry["held_sample"].tolist()
+    elif what == "missing":
+        del entry["held_sample"]
+    elif what == "in_train_mode":
+        sd["proxvi"]["mode"] = "train"
+    elif what == "mode":
+        sd["proxvi"]["mode"] = "evaluation"
+
+
+@pytest.mark.parametrize("what", ["shape", "dtype", "not_a_tensor", "missing", "in_train_mode", "mode"])
+def test_a_corrupted_held_sample_is_refused_and_nothing_changes(make_model, data, train, what):
     x, y = data
     model = make_model()
     opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ckpt = _loop(model, opt, x, y, 4, save_after=1)
-    resumed, opt2 = _resume(make_model, ckpt, x, y)
-    assert_all_equal(weights(resumed), weights(model))
-    assert_all_equal(means(opt2, resumed), means(opt, model))
+    train(model, opt, x, y)
+    opt.eval()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0] = {k: v for k, v in sd["state"][0].items() if k != "proxvi"}  # one copy of the extras
+    _bad_held(sd, what)
+    model2 = make_model(seed=5)
+    opt2 = ProxScoreOptimizer(model2.parameters(), lr=1e-2, dataset_size=64)
+    train(model2, opt2, x, y)
+    before = copy.deepcopy((weights(model2), opt2.state_dict(), opt2._mode, opt2._held))
+    with pytest.raises(ValueError, match=r"held training sample|mode"):
+        opt2.load_state_dict(sd)
+    assert_nested_equal(copy.deepcopy((weights(model2), opt2.state_dict(), opt2._mode, opt2._held)), before)
 
-    # what the warning is for: saved in eval mode, the checkpoint holds the mean and resumes elsewhere
+
+def test_load_inside_a_context_is_refused(make_model, data, train):
+    x, y = data
     model = make_model()
     opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
-    with pytest.warns(UserWarning, match="eval mode"):
-        ckpt = _loop(model, opt, x, y, 4, save_after=1, train_to_save=False)
-    resumed, opt2 = _resume(make_model, ckpt, x, y)
-    assert not same(weights(resumed), weights(model))
+    train(model, opt, x, y)
+    sd = copy.deepcopy(opt.state_dict())
+    with opt.mean_params(), pytest.raises(RuntimeError, match=r"load_state_dict\(\).*after the `with` block"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("prior_mean", ["zero", "init"])
+def test_dcp_checkpoint_in_eval_mode_resumes_bit_identically(make_model, data, tmp_path, prior_mean):
+    """torch.distributed.checkpoint loads only what its template names: the template of a
+    checkpoint saved in eval mode comes from the fresh optimizer in eval mode (docs/api.md). A
+    template in train mode loads the saved mode without the held samples: refused, naming that."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    x, y = data
+
+    def make(seed):
+        model = make_model(seed=seed)
+        return model, ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, prior_mean=prior_mean)
+
+    def epoch(model, opt):
+        opt.train()
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        opt.eval()
+
+    model, opt = make(0)
+    epoch(model, opt)
+    mean = weights(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group": a single-process checkpoint
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    for template_in_eval in (False, True):
+        model2, opt2 = make(5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_state_dict(model2, opt2)  # torch steps a fresh optimizer (zero grads, lr 0) here
+            if template_in_eval:
+                opt2.eval()
+            model_sd, optim_sd = get_state_dict(model2, opt2)
+            loaded = {"model": model_sd, "optim": optim_sd}
+            dcp.load(loaded, checkpoint_id=str(tmp_path))
+        if not template_in_eval:
+            with pytest.raises(ValueError, match=r"saved in eval mode.*held training sample.*template"):
+                set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+            continue
+        set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    assert opt2._mode == "eval"
+    assert_all_equal(weights(model2), mean, "the resumed model must hold the saved mean until train()")
+    for run in ((model, opt), (model2, opt2)):
+        for _ in range(2):
+            epoch(*run)
+        run[1].train()
+    assert_all_equal(weights(model2), weights(model), "the resumed run diverged")
+    assert_all_equal(means(opt2, model2), means(opt, model))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_copy_made_inside_a_context_ends_it_and_carries_the_evaluation_generator(make_model, data, train, mode):
+    """deepcopy / pickle inside ``mean_params()`` / ``sampled_params()``: no block will end for the
+    copy, so its weights show what its mode says (the training sample, or the mean), it can step
+    (after train()), and its evaluation generator continues the original's stream."""
+    x, y = data
+    model = make_model()
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
+    train(model, opt, x, y)
+    opt.predictive(model, x, n_samples=2)  # the evaluation generator has moved
+    sample, mean = weights(model), means(opt, model)
+    getattr(opt, mode)()
+    for how in ("deepcopy", "pickle"):
+        with opt.sampled_params():
+            if how == "deepcopy":
+                model_c, opt_c = copy.deepcopy((model, opt))
+            else:
+                buf = io.BytesIO()
+                torch.save((model, opt), buf)
+                model_c, opt_c = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+        assert opt_c._open == 0 and opt_c._mode == mode
+        assert_all_equal(weights(model_c), sample if mode == "train" else mean)
+        assert torch.equal(opt_c.predictive(model_c, x, n_samples=2), opt.predictive(model, x, n_samples=2))
+        opt_c.train()
+        assert_all_equal(weights(model_c), sample)
+        train(model_c, opt_c, x, y)  # allowed: the copy is outside any block
 
 
 # ---------------------------------------------------------------------------- 8: nothing silent
@@ -362,9 +501,11 @@ def test_hf_callback_warns_that_max_grad_norm_clips_the_score(tmp_path):
             callback.on_train_begin(args, TrainerState(), TrainerControl(), optimizer=opt)
 
 
-def test_trainer_saving_after_evaluation_warns_without_the_callback_and_not_with_it(tmp_path):
-    """The Trainer saves right after an evaluation (save_strategy equal to eval_strategy), when
-    the weights still hold the mean unless PosteriorMeanCallback put the training sample back."""
+def test_trainer_checkpoint_saved_right_after_an_evaluation_resumes_bit_identically(tmp_path):
+    """The Trainer saves right after an evaluation (save_strategy equal to eval_strategy): without
+    PosteriorMeanCallback the optimizer is still in eval mode (the mean in the weights), so its
+    state_dict holds the training sample; resuming (the Trainer calls optimizer.train() before each
+    step) ends where the uninterrupted run ends, with the callback or without, and nothing warns."""
     pytest.importorskip("transformers", reason="transformers is missing (the dev extra has it)")
     from transformers import Trainer, TrainingArguments
 
@@ -381,16 +522,31 @@ def test_trainer_saving_after_evaluation_warns_without_the_callback_and_not_with
 
     g = torch.Generator().manual_seed(0)
     data = [{"x": torch.randn(4, generator=g), "labels": i % 3} for i in range(16)]
-    for callbacks in ([], [PosteriorMeanCallback()]):
+
+    def run(out, callbacks, max_steps, resume=None):
+        torch.manual_seed(0)
         model = Tiny()
         opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=16)
-        args = TrainingArguments(str(tmp_path), max_steps=2, per_device_train_batch_size=8, eval_strategy="steps",
-                                 eval_steps=2, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
-                                 max_grad_norm=0.0, disable_tqdm=True)
+        args = TrainingArguments(str(out), max_steps=max_steps, per_device_train_batch_size=8,
+                                 eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                                 report_to=[], use_cpu=True, max_grad_norm=0.0, disable_tqdm=True,
+                                 lr_scheduler_type="constant")
         trainer = Trainer(model, args, train_dataset=data, eval_dataset=data, optimizers=(opt, None),
                           callbacks=callbacks)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer.train()
-        warned = [w for w in caught if "state_dict() called in eval mode" in str(w.message)]
-        assert bool(warned) == (not callbacks), [str(w.message) for w in caught]
+            trainer.train(resume_from_checkpoint=resume)
+        assert not [w for w in caught if "state_dict()" in str(w.message)], [str(w.message) for w in caught]
+        opt.train()
+        return model, opt
+
+    for name, callbacks in (("without", []), ("with", [PosteriorMeanCallback()])):
+        model, opt = run(tmp_path / name / "whole", callbacks, 4)
+        run(tmp_path / name / "killed", callbacks, 2)
+        saved = torch.load(tmp_path / name / "killed" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+        assert saved["proxvi"]["mode"] == ("train" if callbacks else "eval")
+        assert ("held_sample" in saved["state"][0]) == (not callbacks)
+        resumed, opt2 = run(tmp_path / name / "killed", callbacks, 4,
+                            resume=str(tmp_path / name / "killed" / "checkpoint-2"))
+        assert_all_equal(weights(resumed), weights(model), f"{name} the callback: the resumed run diverged")
+        assert_all_equal(means(opt2, resumed), means(opt, model))

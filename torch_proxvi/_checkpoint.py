@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._load_validation import EXTRAS, prepare
+from ._load_validation import EXTRAS, HELD, prepare
 
 __all__ = ["Checkpointing"]
 
@@ -26,13 +26,19 @@ class Checkpointing:
       entry, also with ``prior_mean="init"`` (whose prior means are state before any step), and a
       checkpoint has the same entries whichever parameters have stepped. A state at step 0 loads as
       "not stepped" (only the prior mean is kept), so nothing changes for those parameters;
-    * the extras (the class that saved it, seed, RNG states, skip count) under the top-level key
-      ``"proxvi"`` and again inside the first parameter's state: ``get_optimizer_state_dict`` /
+    * the extras (the class that saved it, seed, RNG states, skip count, mode) under the top-level
+      key ``"proxvi"`` and again inside the first parameter's state: ``get_optimizer_state_dict`` /
       ``set_optimizer_state_dict`` keep only ``"state"`` and ``"param_groups"``; the second copy
-      survives them.
+      survives them;
+    * in eval mode (the weights hold the posterior mean, the training sample is held aside), each
+      parameter's training sample as ``"held_sample"`` in its own state entry (so it shards with
+      the rest of the state under FSDP2 / DCP); a parameter that holds nothing aside (it has not
+      stepped) saves its weights.
 
     ``load_state_dict()`` runs torch's load pre-hooks, checks everything (refusing with a
-    ValueError before anything changes), installs the state, then runs the post-hooks.
+    ValueError before anything changes), installs the state and the saved mode (in eval mode the
+    held samples, which the next ``train()`` writes into the weights), then runs the post-hooks.
+    It is refused (RuntimeError) inside ``mean_params()`` / ``sampled_params()``.
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -48,8 +54,13 @@ class Checkpointing:
         for i, (group, p) in enumerate(params):
             if p.requires_grad and not self._has_posterior(p):
                 state[i] = {**self._initial_state(p, group), **state.get(i, {})}
+            if self._mode == "eval" and isinstance(state.get(i), dict):
+                # a copy of the weights where nothing is held: a template must not alias them, as
+                # torch.distributed.checkpoint loads into the template's tensors in place
+                held = self._held[p] if p in self._held else p.detach().clone()
+                state[i] = {**state[i], HELD: held}
         extras = {"optimizer": type(self).__name__, "seed": self._seed, "skipped_steps": self.skipped_steps,
-                  "rng": self._rng_states(p.device for _, p in params)}
+                  "rng": self._rng_states(p.device for _, p in params), "mode": self._mode}
         first = next((i for i in range(len(params)) if isinstance(state.get(i), dict)), None)
         if first is not None:
             state[first] = {**state[first], EXTRAS: extras}
@@ -73,6 +84,10 @@ class Checkpointing:
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._open:
+            raise RuntimeError(
+                f"{type(self).__name__}.load_state_dict() called inside mean_params() or sampled_params(): "
+                f"the block's end would overwrite the loaded model's weights; load after the `with` block")
         state_dict = state_dict.copy()  # shallow, as torch's
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -85,6 +100,9 @@ class Checkpointing:
         self.__setstate__({"state": state, "param_groups": load.param_groups})
         self._seed = load.seed
         self.skipped_steps = load.skipped_steps
+        # the mode it was saved in: the weights are the model's (model.load_state_dict, before or
+        # after); in eval mode they hold the mean, and train() writes the held training sample
+        self._mode, self._held = load.mode, load.held
         for dev, g in self._generators.items():  # a generator without a saved state: the saved seed
             if dev not in load.rng:
                 g.manual_seed(self._seed)
@@ -96,5 +114,21 @@ class Checkpointing:
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(foreach=self.foreach, compiled=self.compiled, skipped_steps=self.skipped_steps,
-                     _mode=self._mode, _held=self._held, _seed=self._seed, _generators=self._generators)
+                     _mode=self._mode, _held=self._held, _seed=self._seed, _generators=self._generators,
+                     _evaluation_generators=self.__dict__.get("_evaluation_generators", {}),
+                     _warned_mc_samples=self._warned_mc_samples, _open=self._open)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        opened = state.pop("_open", 0)
+        super().__setstate__(state)
+        if opened:
+            # a copy (deepcopy, pickle) made inside mean_params() / sampled_params(): no block will
+            # end for the copy, so it ends them now: its weights show what its mode says
+            self._open = 0
+            pairs = list(self._params(with_state=True))
+            if self._mode == "train":
+                self._show(self._held)
+                self._held = {}
+            else:
+                self._show(self._summaries(pairs, "mean"))

@@ -17,7 +17,11 @@ naming the problem and the fix, or returns a :class:`Prepared` load that cannot 
   parameter that had not stepped: it loads as not started;
 * the RNG states: a uint8 tensor that a generator of its device accepts. The state of a device
   this machine lacks (a GPU checkpoint loaded on a CPU) is left out with a warning; samples on the
-  devices present come from their own saved state, or from a generator seeded with the saved seed.
+  devices present come from their own saved state, or from a generator seeded with the saved seed;
+* the mode (``"train"``, or ``"eval"``; absent: train) and, saved in eval mode, each parameter's
+  held training sample (``"held_sample"`` in its state: the parameter's shape and dtype). A
+  state_dict saved in eval mode must hold one for every parameter whose posterior has started;
+  one saved in train mode holds none.
 """
 
 from __future__ import annotations
@@ -36,9 +40,11 @@ from torch import Tensor
 from ._validation import validate_group
 from .families import state_dtype
 
-__all__ = ["EXTRAS", "Prepared", "prepare"]
+__all__ = ["EXTRAS", "HELD", "MODES", "Prepared", "prepare"]
 
 EXTRAS = "proxvi"
+HELD = "held_sample"  # a parameter's training sample, saved in eval mode (the weights hold the mean)
+MODES = ("train", "eval")
 
 
 @dataclass
@@ -51,6 +57,8 @@ class Prepared:
     skipped_steps: int
     rng: dict[str, Tensor]
     absent_devices: list[str] = field(default_factory=list)
+    mode: str = "train"
+    held: dict[Tensor, Tensor] = field(default_factory=dict)
 
     def warn_absent(self) -> None:
         for dev in self.absent_devices:
@@ -82,7 +90,7 @@ def _split_extras(saved_state: dict, param_ids: set) -> tuple[Any, dict]:
     return extras, state
 
 
-def _check_extras(opt, extras: Any) -> tuple[int, int, dict[str, Tensor], list[str]]:
+def _check_extras(opt, extras: Any) -> tuple[int, int, dict[str, Tensor], list[str], str]:
     name = type(opt).__name__
     if not isinstance(extras, dict):
         raise _refuse(f"it was not saved by {name} (no {EXTRAS!r} entry)",
@@ -99,8 +107,11 @@ def _check_extras(opt, extras: Any) -> tuple[int, int, dict[str, Tensor], list[s
         raise _refuse(f"its seed {seed!r} is not an int in [0, 2**64)", "load an uncorrupted state_dict")
     if not (isinstance(skipped, numbers.Integral) and not isinstance(skipped, bool) and skipped >= 0):
         raise _refuse(f"its skipped_steps {skipped!r} is not an int >= 0", "load an uncorrupted state_dict")
+    mode = extras.get("mode", "train")  # absent: saved before the mode was recorded, in train mode
+    if not (isinstance(mode, str) and mode in MODES):
+        raise _refuse(f"its mode {mode!r} is not one of {MODES}", "load an uncorrupted state_dict")
     rng, absent = _check_rng(extras["rng"])
-    return int(seed), int(skipped), rng, absent
+    return int(seed), int(skipped), rng, absent, mode
 
 
 def _device_present(device: torch.device) -> bool:
@@ -215,6 +226,21 @@ def _check_param_state(opt, p: Tensor, group: dict, pid: Any, saved: Any) -> dic
     return out or None
 
 
+def _check_held(p: Tensor, pid: Any, value: Any) -> Tensor:
+    """A held training sample: a tensor of ``p``'s shape and dtype, copied to ``p``'s device."""
+    where = f"parameter {pid!r} (shape {tuple(p.shape)}, {p.dtype})"
+    if not torch.is_tensor(value):
+        raise _refuse(f"the held training sample of {where} is a {type(value).__name__}, not a tensor",
+                      "load an uncorrupted state_dict")
+    if tuple(value.shape) != tuple(p.shape):
+        raise _refuse(f"it does not match this model: the held training sample of {where} has shape "
+                      f"{tuple(value.shape)}", "load a checkpoint of the same model and parameter order")
+    if value.dtype != p.dtype:
+        raise _refuse(f"the held training sample of {where} is {value.dtype}: it is the weights' own value, "
+                      f"saved in their dtype", "load an uncorrupted state_dict of a model of the same dtype")
+    return value.detach().to(device=p.device, copy=True)
+
+
 def prepare(opt, state_dict: Any) -> Prepared:
     """Check ``state_dict`` for ``opt`` and convert it; raise ValueError before anything changes."""
     if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
@@ -225,20 +251,38 @@ def prepare(opt, state_dict: Any) -> Prepared:
         isinstance(g, dict) and "params" in g for g in groups) else []
     extras, saved_state = _split_extras(state_dict["state"], set(saved_ids))
     extras_top = state_dict.get(EXTRAS)
-    seed, skipped, rng, absent = _check_extras(opt, extras_top if extras_top is not None else extras)
+    seed, skipped, rng, absent, mode = _check_extras(opt, extras_top if extras_top is not None else extras)
     groups = _check_groups(opt, groups)
     params = [(g, p) for g in groups for p in g["params"]]
     id_map = dict(zip(saved_ids, params))
     state: dict[Any, Any] = {}
+    held: dict[Tensor, Tensor] = {}
     for pid, (group, _) in id_map.items():
         if group["prior_mean"] == "init" and pid not in saved_state:
             saved_state[pid] = {}  # checked below: lacks its prior mean
     for pid, saved in saved_state.items():
         if pid in id_map:
             group, p = id_map[pid]
+            sample = None
+            if isinstance(saved, dict) and HELD in saved:
+                if mode != "eval":
+                    raise _refuse(f"the state of parameter {pid!r} holds a held training sample, but the "
+                                  f"state_dict was saved in {mode} mode", "load an uncorrupted state_dict")
+                saved = dict(saved)
+                sample = _check_held(p, pid, saved.pop(HELD))
             entry = _check_param_state(opt, p, group, pid, saved)
             if entry is not None:
                 state[p] = entry
+                if "step" in entry and mode == "eval":
+                    if sample is None:
+                        raise _refuse(
+                            f"it was saved in eval mode (the weights held the posterior mean) but lacks the "
+                            f"held training sample of parameter {pid!r}, so training could not resume on the "
+                            f"training sample",
+                            "load a complete state_dict (with torch.distributed.checkpoint, build the template "
+                            "with the fresh optimizer in eval mode, so that it names the held samples: "
+                            "docs/api.md, state_dict())")
+                    held[p] = sample  # a parameter that has not started holds its weights: nothing to hold
         else:  # not a parameter's: torch copies it through
             state[pid] = saved
-    return Prepared(state, groups, seed, skipped, rng, absent)
+    return Prepared(state, groups, seed, skipped, rng, absent, mode, held)

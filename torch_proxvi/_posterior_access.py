@@ -179,15 +179,17 @@ class PosteriorAccess:
                     UserWarning, stacklevel=5)  # past step() and torch's no_grad and hook wrappers
 
     def state_dict(self) -> dict[str, Any]:
-        if self._swapping_in():
-            where = ("inside mean_params() or sampled_params()" if self._open
-                     else "in eval mode")
+        """In eval mode it also holds each parameter's training sample (``"held_sample"``) and the
+        mode, so a checkpoint saved there resumes exactly: ``load_state_dict`` restores eval mode and
+        the held sample, and ``train()`` writes it back (:mod:`torch_proxvi._checkpoint`). Inside
+        ``mean_params()`` / ``sampled_params()`` it warns: the weights hold the block's values, so
+        ``model.state_dict()`` taken there (in train mode) would resume from other weights."""
+        if self._open:
             warnings.warn(
-                f"{type(self).__name__}.state_dict() called {where}: the weights hold the "
-                f"posterior mean or another sample, not the training sample, so a checkpoint "
-                f"with model.state_dict() taken now would resume from other weights; call "
-                f"optimizer.train() before saving (after the `with` block), then eval() again (with "
-                f"the Hugging Face Trainer: add torch_proxvi.integrations.hf.PosteriorMeanCallback)",
+                f"{type(self).__name__}.state_dict() called inside mean_params() or sampled_params(): "
+                f"the weights hold the block's values (the posterior mean or another sample), not "
+                f"what they hold after the block, so a checkpoint with model.state_dict() taken now "
+                f"would resume from other weights; save after the `with` block",
                 UserWarning, stacklevel=2)
         return super().state_dict()
 

@@ -5,11 +5,14 @@ optimizers need it, it calls ``optimizer.eval()`` at the start of every evaluati
 (``evaluate()`` and ``predict()``) and ``optimizer.train()`` at the start of every
 ``training_step``. So evaluation sees the posterior mean, and training always resumes on the
 training sample. What it does not do is call ``optimizer.train()`` when an evaluation ends: after
-``trainer.evaluate()`` / ``trainer.predict()`` the weights stay the posterior mean, and a checkpoint
-written right after an evaluation (``save_strategy`` equal to ``eval_strategy``) holds the mean
-instead of the training sample, so resuming from it does not continue exactly.
-:class:`PosteriorMeanCallback` adds that missing ``optimizer.train()``; it is the only piece a
-``Trainer`` user needs. It also warns when a (older) ``Trainer`` did not call ``optimizer.eval()``.
+``trainer.evaluate()`` / ``trainer.predict()`` the weights stay the posterior mean. A checkpoint
+written right after an evaluation (``save_strategy`` equal to ``eval_strategy``) then holds the mean
+in the model's weights and the training sample in the optimizer's state_dict (saved in eval mode),
+so resuming from it continues exactly all the same (the next ``training_step`` calls
+``optimizer.train()``, which writes the loaded training sample back).
+:class:`PosteriorMeanCallback` adds the missing ``optimizer.train()``, so that after an evaluation
+the weights are the training sample again (for code of yours that reads them). It also warns when
+a (older) ``Trainer`` did not call ``optimizer.eval()``.
 
 Example::
 
