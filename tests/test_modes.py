@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import OPTIMIZERS
+from conftest import OPTIMIZERS, train_step
 from helpers import assert_all_equal, assert_nested_equal, weights
 from torch import nn
 
@@ -173,9 +173,7 @@ def _loop(model, opt, x, y, epochs, first=0, save_after=None, train_to_save=True
     for epoch in range(first, epochs):
         opt.train()
         for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+            train_step(model, opt, x, y)
         opt.eval()
         with torch.no_grad():
             model(x)
@@ -288,9 +286,7 @@ def test_dcp_checkpoint_in_eval_mode_resumes_bit_identically(make_model, data, t
     def epoch(model, opt):
         opt.train()
         for _ in range(2):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+            train_step(model, opt, x, y)
         opt.eval()
 
     model, opt = make(0)

@@ -30,7 +30,7 @@ from ._validation import (
     validate_flags,
     validate_group,
 )
-from .families import Family, SkipStep, state_dtype
+from .families import Family, SkipStep, sample_and_score, state_dtype
 
 __all__ = ["ProxScoreOptimizer"]
 
@@ -325,11 +325,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                                          self._generator(params[0].device), path=self._path(group))
         except SkipStep as refusal:
             self._restore(saved)
-            for dev, state in rng.items():
-                self._generators[dev].set_state(state)
-            for _, p in work:
-                if p not in had_state:
-                    self._forget(p)
+            self._roll_back(rng, [p for _, p in work], had_state)
             return self._skip(None, (*refusal.args, "")[:2])
         return None
 
@@ -352,11 +348,13 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         for tensor, copy in saved:
             tensor.copy_(copy)
 
-    def _score_of(self, group: dict, p: Tensor, state: dict) -> tuple[Tensor, Tensor]:
-        """The sample in ``p`` (state dtype, a copy) and its score estimate from ``p.grad``."""
-        theta = p.detach().to(state_dtype(p), copy=True)
-        h = kernels.StepHyper.of(group, 0.0)
-        return theta, kernels.score(p.grad.to(theta.dtype), theta, state.get("prior_mean"), h)
+    def _roll_back(self, rng: dict[str, Tensor], params: list[Tensor], had_state: set) -> None:
+        """The generators back to ``rng``; the state created for ``params`` since dropped."""
+        for dev, state in rng.items():
+            self._generators[dev].set_state(state)
+        for p in params:
+            if p not in had_state:
+                self._forget(p)
 
     def _sample_and_score(self, closure):
         """Call ``closure`` at K samples of q_t; return (mean loss, stepped params, stats, undo),
@@ -376,10 +374,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         def undo() -> None:
             for (_, p), saved in zip(candidates, backup):
                 p.copy_(saved)
-                if p not in had_state:
-                    self._forget(p)
-            for dev, state in rng.items():
-                self._generators[dev].set_state(state)
+            self._roll_back(rng, [p for _, p in candidates], had_state)
 
         codes = []
         try:
@@ -393,8 +388,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
                 self._check_work(with_grad)
                 codes += gradient_codes(with_grad)
                 for g, p in with_grad:
-                    theta, s = self._score_of(g, p, self.state[p])
-                    stats[p] = self._family(g).collect(g, self.state[p], theta, s, stats.get(p), 1.0 / k_samples)
+                    state = self.state[p]
+                    stats[p] = self._family(g).collect(g, state, *sample_and_score(g, p, state), stats.get(p),
+                                                       1.0 / k_samples)
         except BaseException:
             undo()
             raise

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..kernels import StepHyper, score
 
-__all__ = ["Family", "SkipStep", "get", "names", "register", "state_dtype"]
+__all__ = ["Family", "SkipStep", "get", "names", "register", "sample_and_score", "state_dtype"]
 
 
 class SkipStep(ArithmeticError):
@@ -49,6 +49,12 @@ class SkipStep(ArithmeticError):
 def state_dtype(p: Tensor) -> torch.dtype:
     """float64 for float64 weights, float32 for everything else (bf16/fp16 included)."""
     return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def sample_and_score(group: dict, p: Tensor, state: dict) -> tuple[Tensor, Tensor]:
+    """The sample in ``p`` (in the state dtype, a copy) and its score estimate from ``p.grad``."""
+    theta = p.detach().to(state_dtype(p), copy=True)
+    return theta, score(p.grad.to(theta.dtype), theta, state.get("prior_mean"), StepHyper.of(group, 0.0))
 
 
 def sum_weights(values: Tensor, like: Tensor) -> Tensor:
@@ -163,12 +169,8 @@ class Family:
         """The common step: update ``states`` from the sample in ``params`` and its gradient in
         ``p.grad`` (K = 1; same device, state dtype and step count), then write a fresh sample
         into ``params``. By default :meth:`collect`, :meth:`update` and :meth:`sample`."""
-        h = StepHyper.of(group, 0.0)
-        accs = []
-        for p, st in zip(params, states):
-            theta = p.detach().to(state_dtype(p), copy=True)
-            s = score(p.grad.to(theta.dtype), theta, st.get("prior_mean"), h)
-            accs.append(self.collect(group, st, theta, s, None, 1.0))
+        accs = [self.collect(group, st, *sample_and_score(group, p, st), None, 1.0)
+                for p, st in zip(params, states)]
         self.update(group, states, accs, generator=generator, path=path)
         with torch.no_grad():
             for p, value in zip(params, self.sample(group, params, states, generator, path=path)):
