@@ -39,6 +39,24 @@ VARIANTS = {
     "warmup_steps=1 epoch": {"warmup_steps": "epoch"},
     "betas=(0, 0.999)": {"betas": (0.0, 0.999)},   # 4 state tensors per weight instead of 6
     # the element-wise flow (sinh-arcsinh per weight) on the whole network, and at init_std 1e-2
+    # rule="solved" (issue 19): the precision solved per weight from a data-driven start; the mean by
+    # Adam (lr as Adam's) or by the solved Newton step (lr: the fraction of the Newton step)
+    "solved": {"rule": "solved"},
+    "solved, init_curvature=0.5": {"rule": "solved", "init_curvature": 0.5},
+    "solved, init_curvature=0.5, scale_lr_ratio=0.1": {"rule": "solved", "init_curvature": 0.5,
+                                                       "scale_lr_ratio": 0.1},
+    "solved, newton, lr=0.1, init_curvature=0.5": {"rule": "solved", "mean_update": "newton", "lr": 0.1,
+                                                   "init_curvature": 0.5},
+    "solved, init_curvature=1, scale_lr_ratio=0.1": {"rule": "solved", "init_curvature": 1.0, "scale_lr_ratio": 0.1},
+    "solved, init_curvature=1, scale_lr_ratio=0.01": {"rule": "solved", "init_curvature": 1.0,
+                                                      "scale_lr_ratio": 0.01},
+    "solved, init_curvature=5, scale_lr_ratio=0.1": {"rule": "solved", "init_curvature": 5.0, "scale_lr_ratio": 0.1},
+    "solved, init_curvature=5, scale_lr_ratio=0.01": {"rule": "solved", "init_curvature": 5.0,
+                                                      "scale_lr_ratio": 0.01},
+    "solved, newton, lr=0.1, init_curvature=1, scale_lr_ratio=0.01": {
+        "rule": "solved", "mean_update": "newton", "lr": 0.1, "init_curvature": 1.0, "scale_lr_ratio": 0.01},
+    "solved, newton, lr=0.3, init_curvature=1, scale_lr_ratio=0.01": {
+        "rule": "solved", "mean_update": "newton", "lr": 0.3, "init_curvature": 1.0, "scale_lr_ratio": 0.01},
     "family=elementwise_flow": {"family": "elementwise_flow"},
     "elementwise_flow, init_std=1e-2": {"family": "elementwise_flow", "init_std": 1e-2},
 }
@@ -61,7 +79,8 @@ def run(name: str, variant: str, seed: int, epochs: int | None, lr: float) -> di
         kw = dict(VARIANTS[variant])
         if kw.get("warmup_steps") == "epoch":
             kw["warmup_steps"] = -(-len(data.x_train) // bs)
-        opt = ProxScoreOptimizer(model.parameters(), lr=lr, dataset_size=len(data.x_train), **kw)
+        kw.setdefault("lr", lr)
+        opt = ProxScoreOptimizer(model.parameters(), dataset_size=len(data.x_train), **kw)
     fit(model, opt, data.x_train, data.y_train, epochs=ep, batch_size=bs, seed=seed)
     result = evaluate(model, opt, data.x_test, data.y_test)
     if isinstance(opt, ProxScoreOptimizer):

@@ -12,6 +12,7 @@ the point estimate, for Adam).
   its own: the backward runs inside ``opt.sampled_params(train=True)``.
 * ``ProxScore``: :class:`torch_proxvi.ProxScoreOptimizer` with its defaults.
 * ``ProxScore-flow`` (on request): the same with ``family="elementwise_flow"``.
+* ``ProxScore-solved`` (on request): the same with ``rule="solved"``.
 
 :func:`tune` runs every configuration of a method's grid once (seed 0), scores it on the
 validation split, keeps the best, and runs the remaining seeds with it. Every method gets a grid of
@@ -33,7 +34,9 @@ from torch_proxvi import ADVI, ProxScoreOptimizer
 NAMES = ("Adam", "ADVI", "IVON", "ProxScore")
 # Not run by default: ProxScore with the element-wise sinh-arcsinh flow family (skew and tail
 # weight per weight; docs/api.md "Variational families"), at about 10x the Gaussian's step cost.
-EXTRA = ("ProxScore-flow",)
+# ProxScore-solved: ``rule="solved"`` (issue 19), the precision solved per weight from the
+# data-driven start P0 = N * init_curvature + prior precision; it tunes lr and init_curvature.
+EXTRA = ("ProxScore-flow", "ProxScore-solved")
 CHOICES = NAMES + EXTRA
 PRIOR_PRECISION = 1.0
 
@@ -52,6 +55,8 @@ DEFAULT_GRIDS: dict[str, list[dict]] = {
     "ProxScore": [{"lr": lr, "init_std": s} for lr, s in itertools.product((3e-3, 1e-2), (1e-3, 1e-2))],
 }
 DEFAULT_GRIDS["ProxScore-flow"] = DEFAULT_GRIDS["ProxScore"]
+DEFAULT_GRIDS["ProxScore-solved"] = [{"lr": lr, "init_curvature": h} for lr, h in itertools.product((3e-3, 1e-2),
+                                                                                                      (1.0, 5.0))]
 
 
 def make(name: str, model: nn.Module, dataset_size: int, config: dict, seed: int, **vi_options):
@@ -67,8 +72,10 @@ def make(name: str, model: nn.Module, dataset_size: int, config: dict, seed: int
     if name == "ADVI":
         return ADVI(params, lr=lr, dataset_size=dataset_size, prior_precision=PRIOR_PRECISION,
                     generator=gen, **_extra(config), **vi_options)
-    if name in ("ProxScore", "ProxScore-flow"):
+    if name in ("ProxScore", "ProxScore-flow", "ProxScore-solved"):
         family = "elementwise_flow" if name == "ProxScore-flow" else "gaussian"
+        if name == "ProxScore-solved":
+            vi_options = {"rule": "solved", **vi_options}
         return ProxScoreOptimizer(params, lr=lr, dataset_size=dataset_size, family=family,
                                   prior_precision=PRIOR_PRECISION, generator=gen, **_extra(config),
                                   **vi_options)

@@ -74,8 +74,19 @@ MUTATIONS = [
     ("sample m + sigma^2 eps", K + "gaussian.py",
      'return state["mean"] + torch.exp(state["log_scale"]) * noise',
      'return state["mean"] + torch.exp(2 * state["log_scale"]) * noise'),
+    # rule="solved" (issue 19)
+    ("solved: precision trust weight 4x too small", K + "newton.py",
+     "lam = 4 * (1 - rho) / rho", "lam = (1 - rho) / rho"),
+    ("solved: Newton mean without the p^2 of the closed form", K + "newton.py",
+     "p2 = p * p", "p2 = p"),
+    ("solved: baseline added instead of subtracted", K + "newton.py",
+     "u_score = u_score - u_mean * (baseline if newton else -baseline)",
+     "u_score = u_score + u_mean * (baseline if newton else -baseline)"),
+    ("solved: log-scale moves by log p instead of log(p)/2", K + "newton.py",
+     "log_scale.sub_(0.5 * torch.log(p))", "log_scale.sub_(torch.log(p))"),
 ]
-TESTS = ["tests/test_kernels.py", "tests/test_paths.py", "tests/test_properties.py", "tests/test_advi.py",
+TESTS = ["tests/test_solved_step.py", "tests/test_kernels.py", "tests/test_paths.py", "tests/test_properties.py",
+         "tests/test_advi.py",
          "tests/test_families.py", "tests/test_contract.py", "tests/test_optimizer.py", "tests/test_errors.py",
          "tests/test_family_usage.py", "tests/test_inference.py"]
 

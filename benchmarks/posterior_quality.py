@@ -42,6 +42,10 @@ METHODS = {
                   1, (0.01, 0.03, 0.1), True, False),
     "ProxScore (residual)": (lambda ps, lr, n: ProxScoreOptimizer(
         ps, lr, dataset_size=n, init_std=0.1, mean_update="residual"), 1, (0.01, 0.03, 0.1), True, False),
+    "ProxScore (solved)": (lambda ps, lr, n: ProxScoreOptimizer(ps, lr, dataset_size=n, rule="solved"),
+                           1, (0.01, 0.03, 0.1), True, False),
+    "ProxScore (solved, newton)": (lambda ps, lr, n: ProxScoreOptimizer(
+        ps, lr, dataset_size=n, rule="solved", mean_update="newton"), 1, (0.03, 0.1, 0.3), True, False),
     "ADVI": (lambda ps, lr, n: ADVI(ps, lr, dataset_size=n, init_std=0.1),
              1, (0.01, 0.03, 0.1), True, False),
     "GSM (diagonal)": (lambda ps, lr, n: GSM(ps, lr, dataset_size=n, init_std=0.1, mc_samples=8),

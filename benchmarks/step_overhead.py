@@ -72,6 +72,14 @@ def optimizers(device) -> dict:
         "ProxScore compiled": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000, compiled=True),
         "ProxScore compiled, betas=(0, 0.999)": lambda ps: ProxScoreOptimizer(
             ps, lr=1e-3, dataset_size=50_000, compiled=True, betas=(0.0, 0.999)),
+        # rule="solved" (issue 19): Adam on the mean, or the Newton mean (3 state tensors)
+        "ProxScore solved": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000, rule="solved"),
+        "ProxScore solved eager": lambda ps: ProxScoreOptimizer(ps, lr=1e-3, dataset_size=50_000, rule="solved",
+                                                                compiled=False),
+        "ProxScore solved newton": lambda ps: ProxScoreOptimizer(ps, lr=0.1, dataset_size=50_000, rule="solved",
+                                                                 mean_update="newton"),
+        "ProxScore solved newton eager": lambda ps: ProxScoreOptimizer(
+            ps, lr=0.1, dataset_size=50_000, rule="solved", mean_update="newton", compiled=False),
     }
     try:
         import ivon

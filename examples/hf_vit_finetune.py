@@ -30,6 +30,7 @@ import torch
 try:
     from transformers import (
         Trainer,
+        TrainerCallback,
         TrainingArguments,
         ViTConfig,
         ViTForImageClassification,
@@ -77,6 +78,20 @@ def row(name: str, probs: torch.Tensor, labels: torch.Tensor) -> str:
     return f"| {name} | {100 * acc:.2f} | {nll:.4f} | {ece:.4f} |"
 
 
+class SpreadLog(TrainerCallback):
+    """The median posterior std at the start and at the end of every epoch."""
+
+    def __init__(self, opt, model):
+        self.opt, self.model = opt, model
+        self.medians = [self.median()]
+
+    def median(self) -> float:
+        return float(torch.cat([self.opt.posterior_std(p).flatten() for p in self.model.parameters()]).median())
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.medians.append(self.median())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run on a few hundred images")
@@ -90,7 +105,10 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=float, default=3.0)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--prior-precision", type=float, default=1.0)
-    parser.add_argument("--init-std", type=float, default=1e-3, help="initial posterior std")
+    parser.add_argument("--rule", choices=("proximal", "solved"), default="proximal",
+                        help="ProxScore's Gaussian rule (docs/api.md); 'solved' starts the std from the data")
+    parser.add_argument("--init-std", type=float, default=None,
+                        help="initial posterior std (default: the rule's, 1e-3 for 'proximal')")
     parser.add_argument("--scale-lr-ratio", type=float, default=1.0, help="lr of the log-scales / lr")
     parser.add_argument("--n-samples", type=int, default=32, help="posterior samples of the predictive")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -144,13 +162,14 @@ def main() -> None:
     t = time.perf_counter()
     model = ViTForImageClassification.from_pretrained(checkpoint)
     opt = ProxScoreOptimizer(model.parameters(), lr=a.lr, dataset_size=len(ft), prior_mean="init",
-                             prior_precision=a.prior_precision, init_std=a.init_std,
+                             prior_precision=a.prior_precision, init_std=a.init_std, rule=a.rule,
                              scale_lr_ratio=a.scale_lr_ratio, generator=torch.Generator().manual_seed(a.seed))
+    spread = SpreadLog(opt, model)
     steps = math.ceil(a.epochs * math.ceil(len(ft) / a.batch_size))  # what the Trainer runs
     sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=a.warmup, num_training_steps=steps)
     # max_grad_norm=0: no gradient clipping, which would shrink the likelihood against the prior
     trainer = Trainer(model, training_args(a.out, "proxscore", a, a.epochs, a.lr, max_grad_norm=0.0),
-                      train_dataset=ft, optimizers=(opt, sched), callbacks=[PosteriorMeanCallback()])
+                      train_dataset=ft, optimizers=(opt, sched), callbacks=[PosteriorMeanCallback(), spread])
     trainer.train()
     lines.append(row("ProxScore posterior mean (softmax)", softmax_probs(trainer, test), test.y))
     t_pred = time.perf_counter()
@@ -159,7 +178,8 @@ def main() -> None:
     lines.append(row(f"ProxScore Bayesian predictive ({a.n_samples} samples)", probs, labels))
     std = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
     print(f"ProxScore fine-tuning + test: {time.perf_counter() - t:.0f} s (predictive "
-          f"{time.perf_counter() - t_pred:.0f} s); posterior std: median {std.median():.2e}, max {std.max():.2e}")
+          f"{time.perf_counter() - t_pred:.0f} s); posterior std: median {std.median():.2e}, max {std.max():.2e}; "
+          f"median at the start and after each epoch: {', '.join(f'{m:.2e}' for m in spread.medians)}")
 
     print("\n" + "\n".join(lines))
     print(f"\nwall time {time.perf_counter() - start:.0f} s")

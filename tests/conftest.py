@@ -12,6 +12,7 @@ accept the keyword options ``lr``, ``dataset_size`` and ``mc_samples``.
 from __future__ import annotations
 
 import os
+import warnings
 
 # The optimizers' default path compiles where a C++ compiler exists; each kernel specialisation
 # costs ~15 s to build on 2 cores. Tests that do not choose a path run eagerly; the path axis
@@ -25,6 +26,15 @@ from torch import nn  # noqa: E402
 
 from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
 
+
+def quiet_newton(params, **kw):
+    """The Newton-mean rule without its small-lr warning (the contract tests use tiny and zero lrs
+    on purpose; tests/test_solved_step.py checks the warning)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "rule='solved' with mean_update='newton'", UserWarning)
+        return ProxScoreOptimizer(params, **kw)
+
+
 OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, **kw}
@@ -37,6 +47,13 @@ OPTIMIZERS = {
                    "flow_options": {"transforms": 1, "hidden_features": (8,)}, **kw}
     ),
     "advi": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, **kw}),
+    # rule="solved" (the precision solved per weight): the Adam mean and the Newton mean
+    "proxscore_solved": lambda params, **kw: ProxScoreOptimizer(
+        params, **{"lr": 1e-2, "dataset_size": 64, "rule": "solved", **kw}
+    ),
+    "proxscore_solved_newton": lambda params, **kw: quiet_newton(
+        params, **{"lr": 0.1, "dataset_size": 64, "rule": "solved", "mean_update": "newton", **kw}
+    ),
     # the path axis (torch_proxvi.kernels.dispatch.PATHS): the entries above take the default
     # path (flat: conftest turns compiling off); these the reference and the compiled one, the
     # latter with its kernel body run eagerly (same calls, layout and hashed noise; no build):
@@ -49,6 +66,12 @@ OPTIMIZERS = {
     ),
     "advi[single]": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, "foreach": False, **kw}),
     "advi[compiled]": lambda params, **kw: ADVI(params, **{"lr": 1e-2, "dataset_size": 64, "compiled": True, **kw}),
+    "proxscore_solved[single]": lambda params, **kw: ProxScoreOptimizer(
+        params, **{"lr": 1e-2, "dataset_size": 64, "rule": "solved", "foreach": False, **kw}
+    ),
+    "proxscore_solved_newton[compiled]": lambda params, **kw: quiet_newton(
+        params, **{"lr": 0.1, "dataset_size": 64, "rule": "solved", "mean_update": "newton", "compiled": True, **kw}
+    ),
     "gsm": lambda params, **kw: GSM(params, **{"lr": 0.3, "dataset_size": 64, **kw}),
     "bam": lambda params, **kw: BaM(params, **{"lr": 1.0, "dataset_size": 64, **kw}),
 }
@@ -57,8 +80,10 @@ OPTIMIZERS = {
 # step of the order of the posterior std (1e-3 at init), so they need a larger value.
 SMALL_LR = {"proxscore": 1e-5, "proxscore_elementwise_flow": 1e-5, "proxscore_flow": 1e-5,
             "advi": 1e-5, "gsm": 1e-2, "bam": 1e-2}
+SMALL_LR.update({"proxscore_solved": 1e-5, "proxscore_solved_newton": 1e-5})
 SMALL_LR.update({f"{name}[{path}]": SMALL_LR[name]
-                 for name in ("proxscore", "advi") for path in ("single", "compiled")})
+                 for name in ("proxscore", "advi", "proxscore_solved", "proxscore_solved_newton")
+                 for path in ("single", "compiled")})
 # Families that model a whole group jointly refuse a step where only some of its parameters got
 # a gradient (there is no marginal to update): the contract tests check that refusal instead.
 JOINT = {"proxscore_flow"}

@@ -65,6 +65,8 @@ BAD_OPTIONS = [
     ("family", "nope"), ("prior_mean", "nope"), ("mean_update", "nope"),
     ("warmup_steps", -1),
     ("scale_lr_ratio", -1),
+    ("init_curvature", -1), ("init_curvature", NAN), ("init_curvature", INF), ("init_curvature", True),
+    ("mean_update", "newton"),                       # the "solved" rule's, not the default rule's
     ("dataset_size", 0), ("dataset_size", -5), ("dataset_size", NAN), ("dataset_size", "100"),
     # values that passed and corrupted the state (issue 18, item 6)
     ("eps", 0), ("eps", 1e-45), ("eps", 1e-30),      # 0 / 0 at the first step: NaN weights

@@ -20,7 +20,7 @@ __all__ = ["validate_group", "validate_flags", "check_count", "check_sparse", "c
 _REQUIRED: Any = object()
 _LARGE_NUMEL = 1 << 14
 _PRIOR_MEANS = ("zero", "init")
-_MEAN_UPDATES = (None, "score", "residual")
+_MEAN_UPDATES = (None, "score", "residual", "newton")
 _FLOAT32 = torch.finfo(torch.float32)
 #: init_std is kept where the step keeps the scale (exp(2 log_scale) a normal float32 number)
 _INIT_STD = (math.exp(LOG_SCALE_MIN), math.exp(LOG_SCALE_MAX))
@@ -56,12 +56,12 @@ def validate_group(group: dict[str, Any]) -> None:
            "must be a finite float >= 0")
     for name in ("prior_precision", "init_std", "temperature"):
         v = group[name]
+        if name == "init_std" and v is None:  # the rule's default (Family.validate)
+            continue
         _check(_is_real(v) and 0 < v < math.inf, name, v,
                "must be a finite float > 0")
-    low, high = _INIT_STD
-    _check(low <= group["init_std"] <= high, "init_std", group["init_std"],
-           f"must be in [{low:.3g}, {high:.3g}], where the scale is kept: exp(2 * log_scale) is then "
-           f"a normal float32 number")
+    if group["init_std"] is not None:
+        check_init_std(group["init_std"])
     _check(group["prior_precision"] <= _PRIOR_PRECISION_MAX, "prior_precision", group["prior_precision"],
            f"must be <= {_PRIOR_PRECISION_MAX:.3g}, so that prior_precision * variance stays a finite "
            f"float32 number for every variance the state can hold")
@@ -99,6 +99,13 @@ def validate_group(group: dict[str, Any]) -> None:
         if is_dtensor(p) and group["family"] != "gaussian":
             raise ValueError(f"family={group['family']!r} does not support sharded (DTensor, FSDP2 "
                              "fully_shard) parameters yet: use family='gaussian' for sharded groups")
+
+
+def check_init_std(init_std: float) -> None:
+    low, high = _INIT_STD
+    _check(low <= init_std <= high, "init_std", init_std,
+           f"must be in [{low:.3g}, {high:.3g}], where the scale is kept: exp(2 * log_scale) is then "
+           f"a normal float32 number")
 
 
 def check_count(name: str, value: Any, low: int) -> None:

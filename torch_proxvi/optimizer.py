@@ -22,6 +22,7 @@ from ._validation import (
     _REQUIRED,
     NON_FINITE,
     check_group_keys,
+    check_init_std,
     check_joint,
     check_sparse,
     gradient_codes,
@@ -75,16 +76,21 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             whole networks) or ``"flow"`` (a dense spline flow from zuko over a small group, e.g.
             a classifier head); see :mod:`torch_proxvi.families` and docs/api.md.
         rule: the family's update; None takes its default. The Gaussian has ``"proximal"``
-            (proximal score matching, the default) and ``"elbo"`` (the reparameterised ELBO:
+            (proximal score matching by Adam steps, the default), ``"solved"`` (the proximal step
+            solved per weight: the precision from the curvature, the mean by Adam or, with
+            ``mean_update="newton"``, by the variance-preconditioned Newton step; docs/api.md) and ``"elbo"`` (the reparameterised ELBO:
             :class:`~torch_proxvi.ADVI`).
-        init_std: initial posterior standard deviation of every weight.
+        init_std: initial posterior standard deviation of every weight. None (default): 1e-3,
+            except for ``rule="solved"``: :math:`(N h_0 / T + \lambda_0)^{-1/2}` with
+            ``init_curvature`` :math:`h_0` (default 1), a per-example curvature guess.
         mc_samples: K, samples per step when ``step`` gets a closure.
         inner_steps: Adam steps on the proximal objective per ``step``.
         prox_weight: :math:`\lambda_{prox}` (acts from the second inner step on).
         betas, eps: Adam's coefficients for the variational parameters.
         temperature: T; the likelihood term of the score is divided by it.
         mean_update: ``"score"`` (mean follows the score alone) or ``"residual"`` (the full
-            score-matching residual); None (default) takes the family's choice: ``"score"``
+            score-matching residual; ``"newton"`` instead for ``rule="solved"``, where ``lr`` is
+            the fraction of the Newton step); None (default) takes the family's choice: ``"score"``
             for the Gaussian and the element-wise flow (chosen by the ablations in
             docs/method.md), ``"residual"`` for the dense flow (its only rule).
         scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``; None (default)
@@ -136,7 +142,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         prior_mean: str = "zero",
         family: str = "gaussian",
         rule: str | None = None,
-        init_std: float = 1e-3,
+        init_std: float | None = None,
         mc_samples: int = 1,
         inner_steps: int = 1,
         prox_weight: float = 1.0,
@@ -186,6 +192,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             check_group_keys(group, self.defaults)
             validate_group(group)
             self._family(group).validate(group)
+            check_init_std(group["init_std"])
         except (TypeError, ValueError, ImportError):
             self.param_groups.pop()
             raise

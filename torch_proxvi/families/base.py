@@ -102,6 +102,8 @@ class Family:
             raise ValueError(f"Invalid rule: {group['rule']!r} (family={self.name!r} supports {self.rules})")
         for key, default in self.options.items():
             group.setdefault(key, default)
+        if group["init_std"] is None:
+            group["init_std"] = self.default_init_std(group)
         if group["mean_update"] is None:
             group["mean_update"] = self.mean_updates[0]
         if group["mean_update"] not in self.mean_updates:
@@ -110,6 +112,10 @@ class Family:
                 f"{self.mean_updates}; {self._mean_update_note})")
 
     _mean_update_note = ""
+
+    def default_init_std(self, group: dict[str, Any]) -> float:
+        """``init_std`` when the group leaves it None."""
+        return 1e-3
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         """Fill ``state`` for parameter ``p`` of ``group`` at its first step."""

@@ -23,10 +23,12 @@ and :meth:`Gaussian.update`; both call the same functions.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 
 import torch
 
-from ..kernels import StepHyper, dispatch
+from ..kernels import StepHyper, dispatch, newton
 from ..kernels import gaussian as kernel
 from ..kernels.noise import normal_
 from ..kernels.score import ScoreStats, accumulate, one_sample
@@ -35,14 +37,18 @@ from .base import Family, register, state_dtype, sum_weights
 __all__ = ["Gaussian", "first_moments", "state_dtype"]
 
 _LOG_2PI = math.log(2 * math.pi)
+#: below this lr, mean_update="newton" warns that lr looks like an Adam learning rate
+NEWTON_LR_HINT = 0.01
 
 
-def first_moments(states: list[dict], beta1: float) -> None:
-    """Create Adam's first moments of ``states`` if ``beta1`` became positive after they were made."""
+def first_moments(states: list[dict], beta1: float, rule: str = "proximal") -> None:
+    """Create the first moments of ``states`` if ``beta1`` became positive after they were made
+    (the ``"solved"`` rule keeps one, of the mean)."""
     if beta1 == 0:
         return
+    names = ("mean_exp_avg",) if rule == "solved" else ("mean_exp_avg", "log_scale_exp_avg")
     for st in states:
-        for name in ("mean_exp_avg", "log_scale_exp_avg"):
+        for name in names:
             if name not in st:
                 st[name] = torch.zeros_like(st["mean"])
 
@@ -57,12 +63,43 @@ class Gaussian(Family):
 
     name = "gaussian"
     variational = ("mean", "log_scale")
-    rules = ("proximal", "elbo")
+    rules = ("proximal", "elbo", "solved")
+    mean_updates = ("score", "residual", "newton")
+    options = {"init_curvature": 1.0}
+
+    def validate(self, group):
+        super().validate(group)
+        allowed = newton.MEAN_UPDATES if group["rule"] == "solved" else ("score", "residual")
+        if group["mean_update"] not in allowed:
+            raise ValueError(f"Invalid mean_update: {group['mean_update']!r} (rule={group['rule']!r} supports "
+                             f"{allowed})")
+        h0 = group["init_curvature"]
+        if not (isinstance(h0, numbers.Real) and not isinstance(h0, bool) and 0 <= h0 < math.inf):
+            raise ValueError(f"Invalid init_curvature: {h0!r} (must be a finite float >= 0: a guess of the "
+                             "per-example curvature of the loss, which sets the initial precision)")
+        if group["rule"] == "solved" and group["mean_update"] == "newton" and group["lr"] < NEWTON_LR_HINT:
+            warnings.warn(
+                f"rule='solved' with mean_update='newton' takes lr as the fraction of the Newton step the mean "
+                f"takes per step (0.03 to 0.3 is typical), not as Adam's learning rate: lr={group['lr']:g} "
+                f"moves the mean about {1 / max(group['lr'], 1e-12):.3g} times slower than a full step. Raise lr, "
+                "or use mean_update='score' to keep Adam's meaning of lr", UserWarning, stacklevel=5)
+
+    def default_init_std(self, group) -> float:
+        r"""``init_std=None``: 1e-3 for the Adam-based rules; for ``"solved"``,
+        :math:`P_0^{-1/2}` with :math:`P_0 = N h_0 / T + \lambda_0`, ``init_curvature`` :math:`h_0`."""
+        if group["rule"] != "solved":
+            return 1e-3
+        precision = group["dataset_size"] * group["init_curvature"] / group["temperature"] + group["prior_precision"]
+        return float(precision) ** -0.5
 
     def init_state(self, state, p, group):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        kernel.init_state(state, p.detach().to(state_dtype(p), copy=True), init_std=group["init_std"],
-                          first_moments=group["betas"][0] > 0)
+        mean = p.detach().to(state_dtype(p), copy=True)
+        if group["rule"] == "solved":
+            newton.init_state(state, mean, init_std=group["init_std"], mean_update=group["mean_update"],
+                              first_moments=group["betas"][0] > 0)
+        else:
+            kernel.init_state(state, mean, init_std=group["init_std"], first_moments=group["betas"][0] > 0)
 
     def sample(self, group, params, states, generator, count=None, *, path="single"):
         out = []
@@ -109,7 +146,7 @@ class Gaussian(Family):
         return acc
 
     def update(self, group, states, accs, *, generator, path="single"):
-        first_moments(states, group["betas"][0])
+        first_moments(states, group["betas"][0], group["rule"])
         h = StepHyper.of(group, float(states[0]["step"]))
         rule = dispatch.RULES[h.rule]
         for st, acc in zip(states, accs):
@@ -117,7 +154,7 @@ class Gaussian(Family):
         torch._foreach_add_([st["step"] for st in states], float(h.inner_steps))
 
     def step(self, group, params, states, generator, *, path):
-        first_moments(states, group["betas"][0])
+        first_moments(states, group["betas"][0], group["rule"])
         dispatch.step(params, states, StepHyper.of(group, float(states[0]["step"])), generator, path=path)
 
 

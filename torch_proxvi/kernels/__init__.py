@@ -3,7 +3,9 @@
 * :mod:`.hyper`: :class:`StepHyper`, the hyperparameters of one step;
 * :mod:`.score`: the posterior score from ``p.grad`` and its Monte Carlo statistics;
 * :mod:`.adam`: Adam, for every Adam-based update;
-* :mod:`.gaussian`: the mean-field Gaussian's updates (``rule="proximal"``, ``rule="elbo"``);
+* :mod:`.gaussian`: the mean-field Gaussian's Adam-based updates (``rule="proximal"``, ``rule="elbo"``);
+* :mod:`.newton`: the Gaussian proximal step solved per weight (``rule="solved"``);
+* :mod:`.solved`: its exact float64 reference (the global minimiser; for tests and docs);
 * :mod:`.noise`: the sampler's normals (torch's generator, DTensor-aware; the compiled hash);
 * :mod:`.layout`: how a batch is packed into calls (no math);
 * :mod:`.dispatch`: the common step by path (``"single"``, ``"flat"``, ``"compiled"``).

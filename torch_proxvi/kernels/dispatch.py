@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import gaussian, layout
+from . import gaussian, layout, newton
 from .hyper import StepHyper
 from .noise import hash_normal, is_dtensor, normal_, stream_keys
 from .score import one_sample, score
@@ -36,7 +36,7 @@ __all__ = ["RULES", "PATHS", "step", "update_from_sample", "resolve_compiled", "
 
 #: ``StepHyper.rule`` -> the kernel module with its math: ``STATE`` (the per-weight tensors, in
 #: packing order), ``update(state, stats, h)`` and ``sample(state, noise)``
-RULES = {"proximal": gaussian, "elbo": gaussian}
+RULES = {"proximal": gaussian, "elbo": gaussian, "solved": newton}
 PATHS = ("single", "flat", "compiled")
 
 
