@@ -12,7 +12,6 @@ accept the keyword options ``lr``, ``dataset_size`` and ``mc_samples``.
 from __future__ import annotations
 
 import os
-import warnings
 
 # The optimizers' default path compiles where a C++ compiler exists; each kernel specialisation
 # costs ~15 s to build on 2 cores. Tests that do not choose a path run eagerly; the path axis
@@ -25,14 +24,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
-
-
-def quiet_newton(params, **kw):
-    """The Newton-mean rule without its small-lr warning (the contract tests use tiny and zero lrs
-    on purpose; tests/test_solved_step.py checks the warning)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "rule='solved' with mean_update='newton'", UserWarning)
-        return ProxScoreOptimizer(params, **kw)
 
 
 OPTIMIZERS = {
@@ -51,7 +42,7 @@ OPTIMIZERS = {
     "proxscore_solved": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, "rule": "solved", **kw}
     ),
-    "proxscore_solved_newton": lambda params, **kw: quiet_newton(
+    "proxscore_solved_newton": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 0.1, "dataset_size": 64, "rule": "solved", "mean_update": "newton", **kw}
     ),
     # the path axis (torch_proxvi.kernels.dispatch.PATHS): the entries above take the default
@@ -69,7 +60,7 @@ OPTIMIZERS = {
     "proxscore_solved[single]": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, "rule": "solved", "foreach": False, **kw}
     ),
-    "proxscore_solved_newton[compiled]": lambda params, **kw: quiet_newton(
+    "proxscore_solved_newton[compiled]": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 0.1, "dataset_size": 64, "rule": "solved", "mean_update": "newton", "compiled": True, **kw}
     ),
     "gsm": lambda params, **kw: GSM(params, **{"lr": 0.3, "dataset_size": 64, **kw}),

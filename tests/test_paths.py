@@ -219,8 +219,9 @@ def test_the_compiled_step_does_not_depend_on_how_the_batch_is_packed():
         assert_same_run(runs[0], other)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(mean_update="residual", prior_mean="init", betas=(0.0, 0.99))],
-                         ids=["defaults", "residual-init-nomomentum"])
+@pytest.mark.parametrize("kw", [dict(), dict(mean_update="residual", prior_mean="init", betas=(0.0, 0.99)),
+                                dict(rule="solved", prior_mean="init", temperature=0.5)],
+                         ids=["defaults", "residual-init-nomomentum", "solved-init-tempered"])
 def test_the_compiled_kernel_is_its_eager_body(kw):
     if not dispatch.compiler_available("cpu"):
         pytest.skip("no C++ compiler here: torch.compile cannot build the CPU kernel")
