@@ -25,7 +25,6 @@ from torch import nn  # noqa: E402
 
 from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
 
-
 OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, **kw}

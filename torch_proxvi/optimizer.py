@@ -78,8 +78,8 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         rule: the family's update; None takes its default. The Gaussian has ``"proximal"``
             (proximal score matching by Adam steps, the default), ``"solved"`` (the proximal step
             solved per weight: the precision from the curvature, the mean by Adam or, with
-            ``mean_update="newton"``, by the variance-preconditioned Newton step; docs/api.md) and ``"elbo"`` (the reparameterised ELBO:
-            :class:`~torch_proxvi.ADVI`).
+            ``mean_update="newton"``, by the variance-preconditioned Newton step; docs/api.md)
+            and ``"elbo"`` (the reparameterised ELBO: :class:`~torch_proxvi.ADVI`).
         init_std: initial posterior standard deviation of every weight. None (default): 1e-3,
             except for ``rule="solved"``: :math:`(N h_0 / T + \lambda_0)^{-1/2}` with
             ``init_curvature`` :math:`h_0` (default 1), a per-example curvature guess.
