@@ -80,8 +80,8 @@ MUTATIONS = [
     ("solved: Newton mean without the p^2 of the closed form", K + "newton.py",
      "p2 = p * p", "p2 = p"),
     ("solved: baseline added instead of subtracted", K + "newton.py",
-     "u_score = u_score - u_mean * (baseline if newton else -baseline)",
-     "u_score = u_score + u_mean * (baseline if newton else -baseline)"),
+     "u_score = u_score + u_mean * _debiased(avg, h.beta1, h.step)",
+     "u_score = u_score - u_mean * _debiased(avg, h.beta1, h.step)"),
     ("solved: log-scale moves by log p instead of log(p)/2", K + "newton.py",
      "log_scale.sub_(0.5 * torch.log(p))", "log_scale.sub_(torch.log(p))"),
 ]

@@ -9,6 +9,16 @@ import time
 import torch
 
 
+def step_with(opt, closure, with_closure: bool):
+    """One optimizer step the two ways a loop takes it: ``opt.step(closure)``, or ``closure()``
+    then ``opt.step()``."""
+    if with_closure:
+        return opt.step(closure)
+    loss = closure()
+    opt.step()
+    return loss
+
+
 def weights(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_all_equal, assert_nested_equal, assert_not_all_equal, weights
+from helpers import assert_all_equal, assert_nested_equal, assert_not_all_equal, step_with, weights
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau, StepLR
 
@@ -115,21 +115,13 @@ def test_param_without_grad_keeps_weights_and_gets_no_state(make_opt, data, with
 
     if make_opt.joint:  # refused, with nothing changed
         with pytest.raises(RuntimeError, match="needs a gradient for every one"):
-            if with_closure:
-                opt.step(closure)
-            else:
-                closure()
-                opt.step()
+            step_with(opt, closure, with_closure)
         assert_all_equal(weights(model.used), used_before, "a refused step changed the weights")
         assert_all_equal(weights(model.unused), unused_before, "a refused step changed the weights")
         assert not any(opt.state.get(p) for p in model.parameters()), "a refused step made state"
         return
     for _ in range(3):
-        if with_closure:
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
+        step_with(opt, closure, with_closure)
         assert all(p.grad is None for p in model.unused.parameters())
     assert_all_equal(weights(model.unused), unused_before, "a grad=None parameter was changed")
     for p in model.unused.parameters():
@@ -215,11 +207,7 @@ def test_state_dict_roundtrip_continues_in_lockstep(make_opt, make_model, make_d
             loss.backward()
             return loss
 
-        if with_closure:
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
+        step_with(opt, closure, with_closure)
 
     kw = {"mc_samples": 2} if with_closure else {}
     model_a = make_model(seed=0)

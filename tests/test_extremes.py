@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_all_equal, assert_nested_equal, weights
+from helpers import assert_all_equal, assert_nested_equal, step_with, weights
 from torch import nn
 
 from torch_proxvi import GSM, BaM, ProxScoreOptimizer
@@ -199,11 +199,7 @@ def test_dense_flow_with_a_0dim_parameter(make_model, data, with_closure):
         return loss
 
     for _ in range(2):
-        if with_closure:
-            opt.step(closure)
-        else:
-            closure()
-            opt.step()
+        step_with(opt, closure, with_closure)
     assert_state_finite(opt)
     assert scale.shape == () and opt.posterior_mean(scale).shape == () and opt.posterior_std(scale).shape == ()
     assert opt.state[scale]["loc"].shape == ()

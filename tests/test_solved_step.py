@@ -187,6 +187,7 @@ def test_state_is_the_mean_the_scale_and_one_average(mean_update, names):
     ({"init_curvature": float("nan")}, "init_curvature"),
     ({"init_curvature": True}, "init_curvature"),
     ({"init_curvature": 0.0, "prior_precision": 1e-30}, "init_std"),
+    ({"inner_steps": 3}, "inner_steps"),           # the step counter would run 3x ahead of the bias correction
 ])
 def test_bad_solved_options_are_refused_naming_them(kw, match):
     with pytest.raises(ValueError, match=match):

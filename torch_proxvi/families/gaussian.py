@@ -46,7 +46,7 @@ def first_moments(states: list[dict], beta1: float, rule: str = "proximal") -> N
     (the ``"solved"`` rule keeps one, of the mean)."""
     if beta1 == 0:
         return
-    names = ("mean_exp_avg",) if rule == "solved" else ("mean_exp_avg", "log_scale_exp_avg")
+    names = [n for n in ("mean_exp_avg", "log_scale_exp_avg") if n in dispatch.RULES[rule].STATE]
     for st in states:
         for name in names:
             if name not in st:
@@ -64,15 +64,18 @@ class Gaussian(Family):
     name = "gaussian"
     variational = ("mean", "log_scale")
     rules = ("proximal", "elbo", "solved")
-    mean_updates = ("score", "residual", "newton")
+    mean_updates = tuple(dict.fromkeys(kernel.MEAN_UPDATES + newton.MEAN_UPDATES))   # "score" first: the default
     options = {"init_curvature": 1.0}
 
     def validate(self, group):
         super().validate(group)
-        allowed = newton.MEAN_UPDATES if group["rule"] == "solved" else ("score", "residual")
+        allowed = dispatch.RULES[group["rule"]].MEAN_UPDATES
         if group["mean_update"] not in allowed:
             raise ValueError(f"Invalid mean_update: {group['mean_update']!r} (rule={group['rule']!r} supports "
                              f"{allowed})")
+        if group["rule"] == "solved" and group["inner_steps"] != 1:
+            raise ValueError(f"Invalid inner_steps: {group['inner_steps']!r} (rule='solved' solves the proximal step "
+                             "exactly: it takes no inner steps; use inner_steps=1, or rule='proximal')")
         h0 = group["init_curvature"]
         if not (isinstance(h0, numbers.Real) and not isinstance(h0, bool) and 0 <= h0 < math.inf):
             raise ValueError(f"Invalid init_curvature: {h0!r} (must be a finite float >= 0: a guess of the "
@@ -88,7 +91,7 @@ class Gaussian(Family):
         r"""``init_std=None``: 1e-3 for the Adam-based rules; for ``"solved"``,
         :math:`P_0^{-1/2}` with :math:`P_0 = N h_0 / T + \lambda_0`, ``init_curvature`` :math:`h_0`."""
         if group["rule"] != "solved":
-            return 1e-3
+            return super().default_init_std(group)
         precision = group["dataset_size"] * group["init_curvature"] / group["temperature"] + group["prior_precision"]
         return float(precision) ** -0.5
 

@@ -21,7 +21,7 @@ Stein's curvature estimate :math:`\hat H = -b/\langle u^2\rangle` and
 :math:`a = 1`, its expectation), and it follows any learning-rate schedule: a decaying lr averages
 the noisy estimates.
 
-*Baseline.* :math:`g` is the averaged score of the earlier steps (``mean_exp_avg``, debiased;
+*Baseline.* :math:`g` is the averaged score of the earlier steps (``-mean_exp_avg``, debiased;
 0 without it). It is independent of this step's draw, so :math:`E[u g] = 0` and :math:`b` keeps
 its mean, but it removes the term :math:`u\,\hat s(m_t)` that dominates :math:`\langle u\hat s\rangle`
 away from the mode (its variance grows as :math:`|\hat s(m_t)|^2/P_t`): without it the first
@@ -119,31 +119,27 @@ def _debiased(avg: Tensor, beta1, step):
 
 
 def update(state: dict, stats: ScoreStats, h) -> None:
-    """One solved step of ``state`` in place (``inner_steps`` does not apply: the step is exact)."""
+    r"""One solved step of ``state`` in place (``inner_steps`` does not apply: the step is exact).
+
+    ``mean_exp_avg`` is the average of the gradient :math:`-\hat s` for both mean updates (Adam's
+    first moment for ``"score"``): debiased, it is the baseline :math:`-g` of the precision's
+    estimate and the Newton mean's direction."""
     u_mean, u_sq_mean, score_mean, u_score_mean = stats
     mean_, log_scale = state["mean"], state["log_scale"]
     avg = state.get("mean_exp_avg")
-    newton = h.mean_update == "newton"
+    p = 1.0
     if h.update_scale:
-        u_score = u_score_mean
-        if avg is not None:  # the averaged score as a baseline: E[u] = 0, so b keeps its mean
-            baseline = _debiased(avg, h.beta1, h.step)
-            u_score = u_score - u_mean * (baseline if newton else -baseline)
-        precision_t = torch.exp(-2 * log_scale)
-        p = precision_ratio(u_sq_mean * precision_t, u_score, h.scale_lr)
+        u_score = u_score_mean                          # b = <u (s - g)>: E[u] = 0, so b keeps its mean
+        if avg is not None:
+            u_score = u_score + u_mean * _debiased(avg, h.beta1, h.step)
+        p = precision_ratio(u_sq_mean * torch.exp(-2 * log_scale), u_score, h.scale_lr)
         log_scale.sub_(0.5 * torch.log(p)).clamp_(LOG_SCALE_MIN, LOG_SCALE_MAX)
-    else:
-        p = 1.0
     step = h.step + 1
-    if not newton:
+    if h.mean_update != "newton":
         adam(mean_, -score_mean, avg, state["mean_exp_avg_sq"], lr=h.lr, step=step, beta1=h.beta1,
              beta2=h.beta2, eps=h.eps)
         return
-    if avg is None:
-        direction = score_mean
-    else:
-        avg.lerp_(score_mean, 1 - h.beta1)
-        direction = _debiased(avg, h.beta1, step)
+    gradient = -score_mean if avg is None else _debiased(avg.lerp_(-score_mean, 1 - h.beta1), h.beta1, step)
     eta = torch.as_tensor(h.lr, dtype=mean_.dtype, device=mean_.device).clamp(0.0, 1.0)
     p2 = p * p
-    mean_.add_(p2 * eta / (p2 * eta + (1 - eta)) * torch.exp(2 * log_scale) * direction)
+    mean_.sub_(p2 * eta / (p2 * eta + (1 - eta)) * torch.exp(2 * log_scale) * gradient)
