@@ -48,8 +48,8 @@ takes the root its bracket converges to, the reference :func:`.solved.solve` the
 :math:`U = \langle u\rangle`, :math:`C = \langle\hat s\rangle`), is a damped Newton step
 preconditioned by the posterior variance. ``mean_update="newton"`` takes it with
 :math:`\lambda_m = 2(1-\eta)/\eta`, :math:`\eta` = ``lr`` clamped to [0, 1] (the fraction of the
-Newton step at :math:`p = 1`), with :math:`C` replaced by its average ``mean_exp_avg``
-(``betas[0]``, bias-corrected) and the control variate :math:`U` dropped (its noise cancels only
+Newton step at :math:`p = 1`), with :math:`C` replaced by its average (``-mean_exp_avg``,
+``betas[0]``, bias-corrected) and the control variate :math:`U` dropped (its noise cancels only
 against the same draw's score, which the average no longer is: the ``"score"`` choice of the Adam
 rule, for the same reason). ``mean_update="score"`` keeps Adam on the mean, :math:`-C` its
 gradient (``lr`` has Adam's meaning).
