@@ -59,6 +59,8 @@ VARIANTS = {
         "rule": "solved", "mean_update": "newton", "lr": 0.3, "init_curvature": 1.0, "scale_lr_ratio": 0.01},
     "family=elementwise_flow": {"family": "elementwise_flow"},
     "elementwise_flow, init_std=1e-2": {"family": "elementwise_flow", "init_std": 1e-2},
+    # the data-driven start sigma_0 = (N h_0 / T + lambda_0)^(-1/2), which the flows take when asked
+    "elementwise_flow, init_curvature=1": {"family": "elementwise_flow", "init_curvature": 1.0},
 }
 
 

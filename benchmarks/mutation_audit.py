@@ -84,6 +84,8 @@ MUTATIONS = [
      "u_score = u_score - u_mean * _debiased(avg, h.beta1, h.step)"),
     ("solved: log-scale moves by log p instead of log(p)/2", K + "newton.py",
      "log_scale.sub_(0.5 * torch.log(p))", "log_scale.sub_(torch.log(p))"),
+    ("solved: the Adam mean takes the exact root (biased up under noise)", K + "newton.py",
+     'iterations = NEWTON_ITERS if h.mean_update == "newton" else 0', "iterations = NEWTON_ITERS"),
 ]
 TESTS = ["tests/test_solved_step.py", "tests/test_kernels.py", "tests/test_paths.py", "tests/test_properties.py",
          "tests/test_advi.py",

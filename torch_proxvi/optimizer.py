@@ -80,9 +80,10 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             solved per weight: the precision from the curvature, the mean by Adam or, with
             ``mean_update="newton"``, by the variance-preconditioned Newton step; docs/api.md)
             and ``"elbo"`` (the reparameterised ELBO: :class:`~torch_proxvi.ADVI`).
-        init_std: initial posterior standard deviation of every weight. None (default): 1e-3,
-            except for ``rule="solved"``: :math:`(N h_0 / T + \lambda_0)^{-1/2}` with
-            ``init_curvature`` :math:`h_0` (default 1), a per-example curvature guess.
+        init_std: initial posterior standard deviation of every weight. None (default): the
+            data's, :math:`(N h_0 / T + \lambda_0)^{-1/2}`, for ``rule="solved"`` and wherever
+            ``init_curvature`` :math:`h_0` (a per-example curvature guess; every family takes it)
+            is given, with :math:`h_0 = 1` for ``rule="solved"`` when it is not; else 1e-3.
         mc_samples: K, samples per step when ``step`` gets a closure.
         inner_steps: Adam steps on the proximal objective per ``step``.
         prox_weight: :math:`\lambda_{prox}` (acts from the second inner step on).
@@ -93,9 +94,11 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             the fraction of the Newton step); None (default) takes the family's choice: ``"score"``
             for the Gaussian and the element-wise flow (chosen by the ablations in
             docs/method.md), ``"residual"`` for the dense flow (its only rule).
-        scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio``; None (default)
-            takes the family's: 1 for the Gaussian and the element-wise flow, 10 for the dense
-            flow (so that its scale, not its network, grows from a small ``init_std``).
+        scale_lr_ratio: the log-scales' learning rate is ``lr * scale_lr_ratio`` (for
+            ``rule="solved"``: the fraction the precision moves per step); None (default) takes
+            the family's: 1 for the Gaussian and the element-wise flow (0.3 for
+            ``rule="solved"``), 10 for the dense flow (so that its scale, not its network, grows
+            from a small ``init_std``).
         warmup_steps: optimizer steps during which only the mean moves.
         flow_options: for ``family="flow"``: ``transforms`` (pairs of affine and spline
             coupling layers), ``hidden_features`` (their hyper-networks' widths), ``bins`` (spline

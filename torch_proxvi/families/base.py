@@ -29,6 +29,8 @@ by name with :func:`get`; the optimizer's group key ``family`` names one.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -36,7 +38,7 @@ from torch import Tensor
 
 from ..kernels import StepHyper, score
 
-__all__ = ["Family", "SkipStep", "get", "names", "register", "sample_and_score", "state_dtype"]
+__all__ = ["Family", "SkipStep", "curvature_init_std", "get", "names", "register", "sample_and_score", "state_dtype"]
 
 
 class SkipStep(ArithmeticError):
@@ -55,6 +57,21 @@ def sample_and_score(group: dict, p: Tensor, state: dict) -> tuple[Tensor, Tenso
     """The sample in ``p`` (in the state dtype, a copy) and its score estimate from ``p.grad``."""
     theta = p.detach().to(state_dtype(p), copy=True)
     return theta, score(p.grad.to(theta.dtype), theta, state.get("prior_mean"), StepHyper.of(group, 0.0))
+
+
+#: ``init_curvature`` of a rule that starts from the data when the group leaves it None
+DEFAULT_INIT_CURVATURE = 1.0
+
+
+def curvature_init_std(group: dict[str, Any]) -> float:
+    r"""The data-driven start :math:`P_0^{-1/2}`, :math:`P_0 = N h_0 / T + \lambda_0`: the precision
+    of a posterior whose every one of the N examples adds curvature ``init_curvature``
+    :math:`h_0` (tempered by T; None: :data:`DEFAULT_INIT_CURVATURE`) to the prior's
+    :math:`\lambda_0`, so :math:`\sigma_0` follows the dataset size and the prior instead of being
+    a constant."""
+    h0 = group["init_curvature"] if group.get("init_curvature") is not None else DEFAULT_INIT_CURVATURE
+    precision = group["dataset_size"] * h0 / group["temperature"] + group["prior_precision"]
+    return float(precision) ** -0.5
 
 
 def sum_weights(values: Tensor, like: Tensor) -> Tensor:
@@ -102,6 +119,11 @@ class Family:
             raise ValueError(f"Invalid rule: {group['rule']!r} (family={self.name!r} supports {self.rules})")
         for key, default in self.options.items():
             group.setdefault(key, default)
+        h0 = group.get("init_curvature")
+        if h0 is not None:
+            if not (isinstance(h0, numbers.Real) and not isinstance(h0, bool) and 0 <= h0 < math.inf):
+                raise ValueError(f"Invalid init_curvature: {h0!r} (must be a finite float >= 0: a guess of the "
+                                 "per-example curvature of the loss, which sets the initial precision)")
         if group["init_std"] is None:
             group["init_std"] = self.default_init_std(group)
         if group["mean_update"] is None:
@@ -114,8 +136,9 @@ class Family:
     _mean_update_note = ""
 
     def default_init_std(self, group: dict[str, Any]) -> float:
-        """``init_std`` when the group leaves it None."""
-        return 1e-3
+        """``init_std`` when the group leaves it None: the data-driven start
+        (:func:`curvature_init_std`) where the group gives ``init_curvature``, else 1e-3."""
+        return curvature_init_std(group) if group.get("init_curvature") is not None else 1e-3
 
     def init_state(self, state: dict, p: Tensor, group: dict) -> None:
         """Fill ``state`` for parameter ``p`` of ``group`` at its first step."""

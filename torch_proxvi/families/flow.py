@@ -171,6 +171,7 @@ class DenseFlow(Family):
     variational = ("loc", "log_scale")
     mean_updates = ("residual",)
     scale_lr_ratio = 10.0
+    options = {"init_curvature": None}
     _mean_update_note = ("the flow's location follows the full score-matching residual; leave "
                          "mean_update=None")
 

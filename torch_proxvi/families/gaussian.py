@@ -23,7 +23,6 @@ and :meth:`Gaussian.update`; both call the same functions.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
@@ -32,7 +31,7 @@ from ..kernels import StepHyper, dispatch, newton
 from ..kernels import gaussian as kernel
 from ..kernels.noise import normal_
 from ..kernels.score import ScoreStats, accumulate, one_sample
-from .base import Family, register, state_dtype, sum_weights
+from .base import Family, curvature_init_std, register, state_dtype, sum_weights
 
 __all__ = ["Gaussian", "first_moments", "state_dtype"]
 
@@ -65,9 +64,11 @@ class Gaussian(Family):
     variational = ("mean", "log_scale")
     rules = ("proximal", "elbo", "solved")
     mean_updates = tuple(dict.fromkeys(kernel.MEAN_UPDATES + newton.MEAN_UPDATES))   # "score" first: the default
-    options = {"init_curvature": 1.0}
+    options = {"init_curvature": None}
 
     def validate(self, group):
+        if group["scale_lr_ratio"] is None and group.get("rule") == "solved":
+            group["scale_lr_ratio"] = newton.SCALE_LR_RATIO
         super().validate(group)
         allowed = dispatch.RULES[group["rule"]].MEAN_UPDATES
         if group["mean_update"] not in allowed:
@@ -76,10 +77,6 @@ class Gaussian(Family):
         if group["rule"] == "solved" and group["inner_steps"] != 1:
             raise ValueError(f"Invalid inner_steps: {group['inner_steps']!r} (rule='solved' solves the proximal step "
                              "exactly: it takes no inner steps; use inner_steps=1, or rule='proximal')")
-        h0 = group["init_curvature"]
-        if not (isinstance(h0, numbers.Real) and not isinstance(h0, bool) and 0 <= h0 < math.inf):
-            raise ValueError(f"Invalid init_curvature: {h0!r} (must be a finite float >= 0: a guess of the "
-                             "per-example curvature of the loss, which sets the initial precision)")
         if group["rule"] == "solved" and group["mean_update"] == "newton" and group["lr"] < NEWTON_LR_HINT:
             warnings.warn(
                 f"rule='solved' with mean_update='newton' takes lr as the fraction of the Newton step the mean "
@@ -88,12 +85,10 @@ class Gaussian(Family):
                 "or use mean_update='score' to keep Adam's meaning of lr", UserWarning, stacklevel=5)
 
     def default_init_std(self, group) -> float:
-        r"""``init_std=None``: 1e-3 for the Adam-based rules; for ``"solved"``,
-        :math:`P_0^{-1/2}` with :math:`P_0 = N h_0 / T + \lambda_0`, ``init_curvature`` :math:`h_0`."""
-        if group["rule"] != "solved":
-            return super().default_init_std(group)
-        precision = group["dataset_size"] * group["init_curvature"] / group["temperature"] + group["prior_precision"]
-        return float(precision) ** -0.5
+        """``init_std=None``: for ``"solved"`` always the data-driven start
+        (:func:`~torch_proxvi.families.base.curvature_init_std`, ``init_curvature`` 1 unless given);
+        for the Adam-based rules the base family's (1e-3 unless ``init_curvature`` is given)."""
+        return curvature_init_std(group) if group["rule"] == "solved" else super().default_init_std(group)
 
     def init_state(self, state, p, group):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)

@@ -230,6 +230,7 @@ class ElementwiseFlow(Family):
     #: one sample and one inner step (the common step) use the closed-form gradients; False
     #: forces the generic autograd step (the parity tests compare the two)
     closed_form = True
+    options = {"init_curvature": None}
 
     def init_state(self, state, p, group):
         loc = p.detach().to(state_dtype(p), copy=True)

@@ -16,7 +16,8 @@ and ``mean_exp_avg`` (plus ``mean_exp_avg_sq`` for ``mean_update="score"``).
 whose root near :math:`p = 1` is, to first order, :math:`p = (1-\rho) + \rho\hat H/P_t` with
 Stein's curvature estimate :math:`\hat H = -b/\langle u^2\rangle` and
 :math:`\rho = 4a/(4a + \lambda_s)`. The step sets :math:`\lambda_s = 4(1-\rho)/\rho` with
-:math:`\rho` = ``scale_lr`` (``lr * scale_lr_ratio``, clamped to [0, ``RHO_MAX``]), so
+:math:`\rho` = ``scale_lr`` (``lr * scale_lr_ratio``, ``SCALE_LR_RATIO`` = 0.3 by default, clamped
+to [0, ``RHO_MAX``]), so
 :math:`\rho` is the fraction by which the precision moves toward the curvature estimate (for
 :math:`a = 1`, its expectation), and it follows any learning-rate schedule: a decaying lr averages
 the noisy estimates.
@@ -32,16 +33,29 @@ where they froze their means.
 :math:`f(1) = 4(a + b)` give: below 1, :math:`[\lambda_s/(\lambda_s + 4a + 4b^+), 1]`; above 1,
 :math:`[1, -b/a]` (where :math:`f \ge \lambda_s(p-1) > 0`), capped at ``CAP`` times the linearised
 root :math:`(\lambda_s - 4b)/(\lambda_s + 4a)` (for :math:`a \to 0`, where the problem has no
-minimiser). ``NEWTON_ITERS`` = 2 safeguarded Newton steps from the linearised root find it to
-float32 precision for :math:`\rho \le 0.01` on moderate statistics (:math:`|b| \lesssim 10`);
-where the root is far (a noisy :math:`b` of tens, or :math:`\rho \ge 0.1`), the step stops
-inside the final bracket, between :math:`P_t` and the root: a shorter step, never a wrong-signed
-one. Each iteration costs about 0.4x an Adam step in the compiled kernel (docs/benchmarks.md).
-The result is positive and finite for any input (the KL is a barrier at :math:`P \to 0`; the
-linearised update is not positive). :math:`\rho` is clamped to ``RHO_MAX``: at :math:`\rho = 1`
-the barrier vanishes and a negative curvature estimate would send the precision to 0. Where
-:math:`f` has three roots (a tight trust region and an estimate far above :math:`P_t`), the step
-takes the root its bracket converges to, the reference :func:`.solved.solve` the global minimiser.
+minimiser). The result is positive and finite for any input (the KL is a barrier at
+:math:`P \to 0`; the unclamped linearised update is not positive). :math:`\rho` is clamped to
+``RHO_MAX``: at :math:`\rho = 1` the barrier vanishes and a negative curvature estimate would
+send the precision to 0.
+
+Which root depends on the mean update:
+
+* ``mean_update="score"`` (Adam) takes the **first-order root**, the linearised root clamped to
+  the bracket: one division, no iteration. It is linear in the noisy :math:`b`, so mini-batch
+  noise averages out: at the Gaussian fixed point with score noise three times the curvature,
+  :math:`E[\log p]` is :math:`-0.05\rho` per step against :math:`+0.43\rho` for the exact root
+  (tests/test_solved_step.py), whose convexity in :math:`b` pushed the precision of a logistic
+  regression at batch 32 about 12 % high (docs/benchmarks.md).
+* ``mean_update="newton"`` takes the **exact root**: ``NEWTON_ITERS`` = 2 safeguarded Newton
+  steps from the linearised root find it to float32 precision for :math:`\rho \le 0.01` on
+  moderate statistics (:math:`|b| \lesssim 10`); where the root is far (a noisy :math:`b` of
+  tens, or :math:`\rho \ge 0.1`), the step stops inside the final bracket, between :math:`P_t`
+  and the root: a shorter step, never a wrong-signed one. Its mean step is scaled by
+  :math:`\sigma^2`, and with the first-order root it diverged on the BNN of the posterior-quality
+  benchmark: the exact root's upward bias under noise keeps :math:`\sigma^2` from growing there.
+  Where :math:`f` has three roots (a tight trust region and an estimate far above :math:`P_t`),
+  the step takes the root its bracket converges to, the reference :func:`.solved.solve` the
+  global minimiser.
 
 **Mean.** The mean part's stationarity at the new precision,
 :math:`\delta = 2p^2 (U + \sigma^2 C)/(2p^2 + \lambda_m)` (:math:`\sigma^2 = 1/P`,
@@ -66,12 +80,15 @@ from .adam import adam
 from .gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN, mean, sample, std
 from .score import ScoreStats
 
-__all__ = ["STATE", "MEAN_UPDATES", "NEWTON_ITERS", "RHO_MAX", "CAP", "init_state", "precision_ratio", "update",
-           "sample", "mean", "std"]
+__all__ = ["STATE", "MEAN_UPDATES", "NEWTON_ITERS", "SCALE_LR_RATIO", "RHO_MAX", "CAP", "init_state",
+           "precision_ratio", "update", "sample", "mean", "std"]
 
 STATE = ("mean", "log_scale", "mean_exp_avg", "mean_exp_avg_sq", "prior_mean")
 MEAN_UPDATES = ("score", "newton")
 NEWTON_ITERS = 2
+#: the rule's ``scale_lr_ratio`` when the group leaves it None: rho = 0.3 lr averages the noisy
+#: curvature estimates over more steps than rho = lr (docs/benchmarks.md, "The solved proximal step")
+SCALE_LR_RATIO = 0.3
 #: largest precision trust fraction: the KL's barrier keeps the precision positive
 RHO_MAX = 0.5
 #: the bracket above p = 1 ends at CAP times the linearised root (a trust region where a -> 0)
@@ -90,9 +107,11 @@ def init_state(state: dict, mean_: Tensor, *, init_std: float, mean_update: str,
         state["mean_exp_avg"] = torch.zeros_like(mean_)
 
 
-def precision_ratio(a: Tensor, b: Tensor, rho) -> Tensor:
+def precision_ratio(a: Tensor, b: Tensor, rho, iterations: int = NEWTON_ITERS) -> Tensor:
     r"""The root :math:`p = P/P_t` of :math:`4ap^3 + 4bp^2 + \lambda_s(p-1)` in the trust bracket,
-    :math:`\lambda_s = 4(1-\rho)/\rho` (module docstring). ``rho`` in [0, 1]: 0 keeps p = 1."""
+    :math:`\lambda_s = 4(1-\rho)/\rho` (module docstring). ``rho`` in [0, 1]: 0 keeps p = 1.
+    ``iterations=0``: the first-order root :math:`(\lambda_s - 4b)/(\lambda_s + 4a)`, clamped
+    to the bracket."""
     rho = torch.as_tensor(rho, dtype=a.dtype, device=a.device).clamp(_RHO_MIN, RHO_MAX)
     lam = 4 * (1 - rho) / rho
     a = a.clamp_min(0)
@@ -102,7 +121,7 @@ def precision_ratio(a: Tensor, b: Tensor, rho) -> Tensor:
     hi = torch.where(below, 1.0, torch.minimum(-b / a.clamp_min(torch.finfo(a.dtype).tiny), CAP * linear).clamp_min(1))
     p = linear.clamp(min=lo, max=hi)                    # the linearised root, in the bracket
     p = torch.where(torch.isfinite(p), p, 0.5 * (lo + hi))
-    for _ in range(NEWTON_ITERS):
+    for _ in range(iterations):
         f = 4 * p * p * (a * p + b) + lam * (p - 1)
         lo = torch.where(f < 0, p, lo)
         hi = torch.where(f < 0, hi, p)
@@ -132,7 +151,8 @@ def update(state: dict, stats: ScoreStats, h) -> None:
         u_score = u_score_mean                          # b = <u (s - g)>: E[u] = 0, so b keeps its mean
         if avg is not None:
             u_score = u_score + u_mean * _debiased(avg, h.beta1, h.step)
-        p = precision_ratio(u_sq_mean * torch.exp(-2 * log_scale), u_score, h.scale_lr)
+        iterations = NEWTON_ITERS if h.mean_update == "newton" else 0
+        p = precision_ratio(u_sq_mean * torch.exp(-2 * log_scale), u_score, h.scale_lr, iterations)
         log_scale.sub_(0.5 * torch.log(p)).clamp_(LOG_SCALE_MIN, LOG_SCALE_MAX)
     step = h.step + 1
     if h.mean_update != "newton":
