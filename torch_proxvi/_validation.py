@@ -62,6 +62,10 @@ def validate_group(group: dict[str, Any]) -> None:
                "must be a finite float > 0")
     if group["init_std"] is not None:
         check_init_std(group["init_std"])
+    h0 = group.get("init_curvature")
+    _check(h0 is None or (_is_real(h0) and 0 <= h0 < math.inf), "init_curvature", h0,
+           "must be a finite float >= 0: a guess of the per-example curvature of the loss, which sets the "
+           "initial precision")
     _check(group["prior_precision"] <= _PRIOR_PRECISION_MAX, "prior_precision", group["prior_precision"],
            f"must be <= {_PRIOR_PRECISION_MAX:.3g}, so that prior_precision * variance stays a finite "
            f"float32 number for every variance the state can hold")

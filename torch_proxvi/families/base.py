@@ -29,8 +29,6 @@ by name with :func:`get`; the optimizer's group key ``family`` names one.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
@@ -59,18 +57,12 @@ def sample_and_score(group: dict, p: Tensor, state: dict) -> tuple[Tensor, Tenso
     return theta, score(p.grad.to(theta.dtype), theta, state.get("prior_mean"), StepHyper.of(group, 0.0))
 
 
-#: ``init_curvature`` of a rule that starts from the data when the group leaves it None
-DEFAULT_INIT_CURVATURE = 1.0
-
-
 def curvature_init_std(group: dict[str, Any]) -> float:
     r"""The data-driven start :math:`P_0^{-1/2}`, :math:`P_0 = N h_0 / T + \lambda_0`: the precision
     of a posterior whose every one of the N examples adds curvature ``init_curvature``
-    :math:`h_0` (tempered by T; None: :data:`DEFAULT_INIT_CURVATURE`) to the prior's
-    :math:`\lambda_0`, so :math:`\sigma_0` follows the dataset size and the prior instead of being
-    a constant."""
-    h0 = group["init_curvature"] if group.get("init_curvature") is not None else DEFAULT_INIT_CURVATURE
-    precision = group["dataset_size"] * h0 / group["temperature"] + group["prior_precision"]
+    :math:`h_0` (tempered by T) to the prior's :math:`\lambda_0`, so :math:`\sigma_0` follows the
+    dataset size and the prior instead of being a constant."""
+    precision = group["dataset_size"] * group["init_curvature"] / group["temperature"] + group["prior_precision"]
     return float(precision) ** -0.5
 
 
@@ -119,11 +111,6 @@ class Family:
             raise ValueError(f"Invalid rule: {group['rule']!r} (family={self.name!r} supports {self.rules})")
         for key, default in self.options.items():
             group.setdefault(key, default)
-        h0 = group.get("init_curvature")
-        if h0 is not None:
-            if not (isinstance(h0, numbers.Real) and not isinstance(h0, bool) and 0 <= h0 < math.inf):
-                raise ValueError(f"Invalid init_curvature: {h0!r} (must be a finite float >= 0: a guess of the "
-                                 "per-example curvature of the loss, which sets the initial precision)")
         if group["init_std"] is None:
             group["init_std"] = self.default_init_std(group)
         if group["mean_update"] is None:

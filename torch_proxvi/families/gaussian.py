@@ -31,7 +31,7 @@ from ..kernels import StepHyper, dispatch, newton
 from ..kernels import gaussian as kernel
 from ..kernels.noise import normal_
 from ..kernels.score import ScoreStats, accumulate, one_sample
-from .base import Family, curvature_init_std, register, state_dtype, sum_weights
+from .base import Family, register, state_dtype, sum_weights
 
 __all__ = ["Gaussian", "first_moments", "state_dtype"]
 
@@ -67,8 +67,10 @@ class Gaussian(Family):
     options = {"init_curvature": None}
 
     def validate(self, group):
-        if group["scale_lr_ratio"] is None and group.get("rule") == "solved":
-            group["scale_lr_ratio"] = newton.SCALE_LR_RATIO
+        if group.get("rule") == "solved":   # the rule's own defaults: rho = 0.3 lr, a start from the data
+            for key, default in (("scale_lr_ratio", newton.SCALE_LR_RATIO), ("init_curvature", newton.INIT_CURVATURE)):
+                if group.get(key) is None:
+                    group[key] = default
         super().validate(group)
         allowed = dispatch.RULES[group["rule"]].MEAN_UPDATES
         if group["mean_update"] not in allowed:
@@ -83,12 +85,6 @@ class Gaussian(Family):
                 f"takes per step (0.03 to 0.3 is typical), not as Adam's learning rate: lr={group['lr']:g} "
                 f"moves the mean about {1 / max(group['lr'], 1e-12):.3g} times slower than a full step. Raise lr, "
                 "or use mean_update='score' to keep Adam's meaning of lr", UserWarning, stacklevel=5)
-
-    def default_init_std(self, group) -> float:
-        """``init_std=None``: for ``"solved"`` always the data-driven start
-        (:func:`~torch_proxvi.families.base.curvature_init_std`, ``init_curvature`` 1 unless given);
-        for the Adam-based rules the base family's (1e-3 unless ``init_curvature`` is given)."""
-        return curvature_init_std(group) if group["rule"] == "solved" else super().default_init_std(group)
 
     def init_state(self, state, p, group):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)

@@ -80,8 +80,8 @@ from .adam import adam
 from .gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN, mean, sample, std
 from .score import ScoreStats
 
-__all__ = ["STATE", "MEAN_UPDATES", "NEWTON_ITERS", "SCALE_LR_RATIO", "RHO_MAX", "CAP", "init_state",
-           "precision_ratio", "update", "sample", "mean", "std"]
+__all__ = ["STATE", "MEAN_UPDATES", "NEWTON_ITERS", "SCALE_LR_RATIO", "INIT_CURVATURE", "RHO_MAX", "CAP",
+           "init_state", "precision_ratio", "update", "sample", "mean", "std"]
 
 STATE = ("mean", "log_scale", "mean_exp_avg", "mean_exp_avg_sq", "prior_mean")
 MEAN_UPDATES = ("score", "newton")
@@ -89,6 +89,8 @@ NEWTON_ITERS = 2
 #: the rule's ``scale_lr_ratio`` when the group leaves it None: rho = 0.3 lr averages the noisy
 #: curvature estimates over more steps than rho = lr (docs/benchmarks.md, "The solved proximal step")
 SCALE_LR_RATIO = 0.3
+#: the rule's ``init_curvature`` when the group leaves it None: it always starts from the data
+INIT_CURVATURE = 1.0
 #: largest precision trust fraction: the KL's barrier keeps the precision positive
 RHO_MAX = 0.5
 #: the bracket above p = 1 ends at CAP times the linearised root (a trust region where a -> 0)
