@@ -86,6 +86,8 @@ MUTATIONS = [
      "log_scale.sub_(0.5 * torch.log(p))", "log_scale.sub_(torch.log(p))"),
     ("solved: the Adam mean takes the exact root (biased up under noise)", K + "newton.py",
      'iterations = NEWTON_ITERS if h.mean_update == "newton" else 0', "iterations = NEWTON_ITERS"),
+    ("solved: the first-order root's lower end without b+", K + "newton.py",
+     "floor = lam / (lam + 4 * a + 4 * b.clamp_min(0))", "floor = lam / (lam + 4 * a)"),
 ]
 TESTS = ["tests/test_solved_step.py", "tests/test_kernels.py", "tests/test_paths.py", "tests/test_properties.py",
          "tests/test_advi.py",

@@ -109,7 +109,8 @@ def main() -> None:
                         help="ProxScore's Gaussian rule (docs/api.md); 'solved' starts the std from the data")
     parser.add_argument("--init-std", type=float, default=None,
                         help="initial posterior std (default: the rule's, 1e-3 for 'proximal')")
-    parser.add_argument("--scale-lr-ratio", type=float, default=1.0, help="lr of the log-scales / lr")
+    parser.add_argument("--scale-lr-ratio", type=float, default=None,
+                        help="lr of the log-scales / lr (default: the rule's, 1 for 'proximal', 0.3 for 'solved')")
     parser.add_argument("--n-samples", type=int, default=32, help="posterior samples of the predictive")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=20)

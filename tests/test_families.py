@@ -238,7 +238,7 @@ def test_flows_start_their_scale_from_the_data_and_the_prior(name, kw, expected)
 
 
 @pytest.mark.parametrize("name", ["elementwise_flow", "flow"])
-@pytest.mark.parametrize("h0", [-1.0, float("nan"), float("inf"), True, "1"])
+@pytest.mark.parametrize("h0", [-1.0, float("nan"), float("inf"), True, "1", 1e300])
 def test_flows_refuse_a_bad_init_curvature_naming_it(name, h0):
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="init_curvature"):

@@ -64,6 +64,26 @@ def test_precision_is_the_exact_minimiser_where_the_objective_is_convex(rho):
     torch.testing.assert_close(p, precision, rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("rho", [1e-4, 0.03, 0.5])
+def test_first_order_precision_is_the_linearised_root_clamped_to_the_bracket(rho):
+    # The definition, case by case: below 1 (f(1) = 4(a + b) > 0) the bracket is
+    # [lam / (lam + 4a + 4b+), 1]; above 1 it is [1, min(-b/a, CAP * linear)]. The step computes it
+    # as one maximum; this checks that reduction on random and on scale-spread statistics, float64.
+    g = torch.Generator().manual_seed(3)
+    a, b = random_problems(n=50_000, seed=4, dtype=F64)
+    a = torch.cat([a, torch.zeros(100), 10 ** (torch.rand(50_000, generator=g, dtype=F64) * 40 - 20)])
+    b = torch.cat([b, torch.randn(100, generator=g, dtype=F64),
+                   torch.randn(50_000, generator=g, dtype=F64).sign() * 10 ** (torch.rand(50_000, generator=g) * 40 - 20)])
+    lam = 4 * (1 - rho) / rho
+    linear = (lam - 4 * b) / (lam + 4 * a)
+    below = a + b > 0
+    lo = torch.where(below, lam / (lam + 4 * a + 4 * b.clamp_min(0)), torch.ones_like(a))
+    hi = torch.where(below, torch.ones_like(a), torch.minimum(-b / a, newton.CAP * linear))
+    expected = torch.minimum(torch.maximum(linear, lo), hi)
+    p = newton.precision_ratio(a, b, rho, iterations=0)
+    torch.testing.assert_close(p, expected, rtol=1e-15, atol=0)
+
+
 @pytest.mark.parametrize("iterations", [0, newton.NEWTON_ITERS])
 def test_precision_stays_positive_and_finite_for_any_input(iterations):
     g = torch.Generator().manual_seed(2)
@@ -226,7 +246,8 @@ def test_state_is_the_mean_the_scale_and_one_average(mean_update, names):
     ({"init_curvature": -1.0}, "init_curvature"),
     ({"init_curvature": float("nan")}, "init_curvature"),
     ({"init_curvature": True}, "init_curvature"),
-    ({"init_curvature": 0.0, "prior_precision": 1e-30}, "init_std"),
+    ({"init_curvature": 0.0, "prior_precision": 1e-30}, "init_curvature"),   # sigma_0 = 1e15: too wide to keep
+    ({"init_curvature": 1e300}, "init_curvature"),                          # sigma_0 = 1e-151: too narrow
     ({"inner_steps": 3}, "inner_steps"),           # the step counter would run 3x ahead of the bias correction
 ])
 def test_bad_solved_options_are_refused_naming_them(kw, match):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import families
 from .kernels.adam import grad_limit
-from .kernels.gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN
+from .kernels.gaussian import LOG_SCALE_MAX, STD_RANGE
 from .kernels.noise import is_dtensor
 
 __all__ = ["validate_group", "validate_flags", "check_count", "check_sparse", "check_joint", "score_limit",
@@ -22,8 +22,6 @@ _LARGE_NUMEL = 1 << 14
 _PRIOR_MEANS = ("zero", "init")
 _MEAN_UPDATES = (None, "score", "residual", "newton")
 _FLOAT32 = torch.finfo(torch.float32)
-#: init_std is kept where the step keeps the scale (exp(2 log_scale) a normal float32 number)
-_INIT_STD = (math.exp(LOG_SCALE_MIN), math.exp(LOG_SCALE_MAX))
 #: eps >= sqrt(smallest normal): where g * g underflows to 0, m / eps stays of the order of 1
 _EPS_MIN = math.sqrt(_FLOAT32.tiny)
 #: prior_precision * var must stay a finite float32 number for every var the state can hold
@@ -106,7 +104,7 @@ def validate_group(group: dict[str, Any]) -> None:
 
 
 def check_init_std(init_std: float) -> None:
-    low, high = _INIT_STD
+    low, high = STD_RANGE
     _check(low <= init_std <= high, "init_std", init_std,
            f"must be in [{low:.3g}, {high:.3g}], where the scale is kept: exp(2 * log_scale) is then "
            f"a normal float32 number")

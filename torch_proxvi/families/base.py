@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import StepHyper, score
+from ..kernels.gaussian import STD_RANGE
 
 __all__ = ["Family", "SkipStep", "curvature_init_std", "get", "names", "register", "sample_and_score", "state_dtype"]
 
@@ -61,9 +62,17 @@ def curvature_init_std(group: dict[str, Any]) -> float:
     r"""The data-driven start :math:`P_0^{-1/2}`, :math:`P_0 = N h_0 / T + \lambda_0`: the precision
     of a posterior whose every one of the N examples adds curvature ``init_curvature``
     :math:`h_0` (tempered by T) to the prior's :math:`\lambda_0`, so :math:`\sigma_0` follows the
-    dataset size and the prior instead of being a constant."""
+    dataset size and the prior instead of being a constant. A start the state cannot hold is refused
+    here, naming ``init_curvature`` (the number the user gave)."""
     precision = group["dataset_size"] * group["init_curvature"] / group["temperature"] + group["prior_precision"]
-    return float(precision) ** -0.5
+    std = float(precision) ** -0.5
+    low, high = STD_RANGE
+    if not low <= std <= high:
+        raise ValueError(f"Invalid init_curvature: {group['init_curvature']!r} (the start it gives, (dataset_size * "
+                         f"init_curvature / temperature + prior_precision) ** -0.5 = {std:.3g}, is outside "
+                         f"[{low:.3g}, {high:.3g}], where the scale is kept: choose an init_curvature nearer 1, "
+                         f"or give init_std)")
+    return std
 
 
 def sum_weights(values: Tensor, like: Tensor) -> Tensor:

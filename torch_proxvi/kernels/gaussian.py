@@ -41,12 +41,14 @@ from torch import Tensor
 from .adam import adam
 from .score import ScoreStats
 
-__all__ = ["STATE", "MEAN_UPDATES", "LOG_SCALE_MIN", "LOG_SCALE_MAX", "init_state", "proximal_gradients",
+__all__ = ["STATE", "MEAN_UPDATES", "LOG_SCALE_MIN", "LOG_SCALE_MAX", "STD_RANGE", "init_state", "proximal_gradients",
            "elbo_gradients", "GRADIENTS", "update", "sample", "mean", "std"]
 
 # exp(2 * log_scale) must stay a normal float32 number: std in [exp(-30), exp(20)].
 LOG_SCALE_MIN = -30.0
 LOG_SCALE_MAX = 20.0
+#: the stds the state can hold: an initial std must lie in it
+STD_RANGE = (math.exp(LOG_SCALE_MIN), math.exp(LOG_SCALE_MAX))
 #: the ``mean_update`` values of these rules
 MEAN_UPDATES = ("score", "residual")
 #: the per-weight state tensors, in the order a packed call lays them out

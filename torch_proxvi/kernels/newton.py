@@ -41,7 +41,9 @@ send the precision to 0.
 Which root depends on the mean update:
 
 * ``mean_update="score"`` (Adam) takes the **first-order root**, the linearised root clamped to
-  the bracket: one division, no iteration. It is linear in the noisy :math:`b`, so mini-batch
+  the bracket, which is :math:`\max\big((\lambda_s - 4b)/(\lambda_s + 4a),\;
+  \lambda_s/(\lambda_s + 4a + 4b^+)\big)`: the linearised root is below 1 exactly where the
+  root is, and above 1 it never passes :math:`-b/a`. No iteration. It is linear in the noisy :math:`b`, so mini-batch
   noise averages out: at the Gaussian fixed point with score noise three times the curvature,
   :math:`E[\log p]` is :math:`-0.05\rho` per step against :math:`+0.43\rho` for the exact root
   (tests/test_solved_step.py), whose convexity in :math:`b` pushed the precision of a logistic
@@ -118,8 +120,15 @@ def precision_ratio(a: Tensor, b: Tensor, rho, iterations: int = NEWTON_ITERS) -
     lam = 4 * (1 - rho) / rho
     a = a.clamp_min(0)
     linear = (lam - 4 * b) / (lam + 4 * a)
+    floor = lam / (lam + 4 * a + 4 * b.clamp_min(0))   # the bracket's lower end below 1
+    if iterations == 0:
+        # linear < 1 exactly where the root is below 1 (a + b > 0), and there the bracket's upper
+        # end 1 binds nothing; above 1, linear lies in [1, -b/a] and floor <= 1: so the clamp to
+        # the bracket is one maximum (rounding keeps each inequality: the operations are monotone)
+        p = torch.maximum(linear, floor)
+        return torch.where(torch.isfinite(p), p, 1.0)   # overflowing statistics: keep the precision
     below = a + b > 0                                   # f(1) > 0: the root is in (0, 1)
-    lo = torch.where(below, lam / (lam + 4 * a + 4 * b.clamp_min(0)), 1.0)
+    lo = torch.where(below, floor, 1.0)
     hi = torch.where(below, 1.0, torch.minimum(-b / a.clamp_min(torch.finfo(a.dtype).tiny), CAP * linear).clamp_min(1))
     p = linear.clamp(min=lo, max=hi)                    # the linearised root, in the bracket
     p = torch.where(torch.isfinite(p), p, 0.5 * (lo + hi))
