@@ -124,7 +124,8 @@ def precision_ratio(a: Tensor, b: Tensor, rho, iterations: int = NEWTON_ITERS) -
     if iterations == 0:
         # linear < 1 exactly where the root is below 1 (a + b > 0), and there the bracket's upper
         # end 1 binds nothing; above 1, linear lies in [1, -b/a] and floor <= 1: so the clamp to
-        # the bracket is one maximum (rounding keeps each inequality: the operations are monotone)
+        # the bracket is one maximum (rounding keeps the comparisons with 1; only at p = -b/a can
+        # the two differ, by an ulp: docs/method.md section 9, point 5)
         p = torch.maximum(linear, floor)
         return torch.where(torch.isfinite(p), p, 1.0)   # overflowing statistics: keep the precision
     below = a + b > 0                                   # f(1) > 0: the root is in (0, 1)
