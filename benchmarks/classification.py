@@ -234,8 +234,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "EfficientNet at 224x224 (hours on CPU; for a GPU)")
     p.add_argument("--plot", action="store_true", help=f"write reliability diagrams to {PLOT_PATH}")
     p.add_argument("--json", type=Path, help="write the raw results here")
+    p.add_argument("--grid", action="append", default=[], metavar="METHOD=JSON",
+                   help="replace a method's validation grid (a JSON list of configurations), e.g. "
+                        "'ProxScore-solved=[{\"lr\": 0.003, \"init_curvature\": 5}]' (repeatable)")
     args = p.parse_args(argv)
     args.grids = dict(methods.DEFAULT_GRIDS)
+    for option in args.grid:
+        name, sep, value = option.partition("=")
+        if not sep or name not in methods.CHOICES:
+            p.error(f"--grid needs METHOD=JSON with METHOD one of {methods.CHOICES}, got {option!r}")
+        grid = json.loads(value)
+        if not (isinstance(grid, list) and grid and all(isinstance(c, dict) and "lr" in c for c in grid)):
+            p.error(f"--grid {name}: a non-empty JSON list of configurations, each with an lr, got {value!r}")
+        args.grids[name] = grid
     if args.smoke:
         args.train, args.epochs, args.lite_train, args.lite_epochs, args.samples, args.seeds = 512, 1, 256, 1, 4, 2
         args.size, args.batch_size = 32, 64

@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=float, default=3.0)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--prior-precision", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0, help="posterior temperature (1: Bayes' rule)")
     parser.add_argument("--rule", choices=("proximal", "solved"), default="proximal",
                         help="ProxScore's Gaussian rule (docs/api.md); 'solved' starts the std from the data")
     parser.add_argument("--init-std", type=float, default=None,
@@ -163,8 +164,8 @@ def main() -> None:
     t = time.perf_counter()
     model = ViTForImageClassification.from_pretrained(checkpoint)
     opt = ProxScoreOptimizer(model.parameters(), lr=a.lr, dataset_size=len(ft), prior_mean="init",
-                             prior_precision=a.prior_precision, init_std=a.init_std, rule=a.rule,
-                             scale_lr_ratio=a.scale_lr_ratio, generator=torch.Generator().manual_seed(a.seed))
+                             prior_precision=a.prior_precision, temperature=a.temperature, init_std=a.init_std,
+                             rule=a.rule, scale_lr_ratio=a.scale_lr_ratio, generator=torch.Generator().manual_seed(a.seed))
     spread = SpreadLog(opt, model)
     steps = math.ceil(a.epochs * math.ceil(len(ft) / a.batch_size))  # what the Trainer runs
     sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=a.warmup, num_training_steps=steps)

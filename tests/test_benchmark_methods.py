@@ -124,3 +124,15 @@ def test_benchmarks_stop_at_once_naming_the_install_command(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="fashion_mnist \\(apt-get install dataset-fashion-mnist\\)"):
         classification.main(["--smoke", "--experiments", "cnn", "--datasets", "mnist"])
     assert "Adam" not in capsys.readouterr().out  # nothing trained
+
+
+def test_classification_grid_option_replaces_one_method_grid_and_refuses_bad_ones(capsys):
+    import classification
+
+    args = classification.parse_args(["--grid", 'ProxScore-solved=[{"lr": 0.003, "init_curvature": 5}]'])
+    assert args.grids["ProxScore-solved"] == [{"lr": 0.003, "init_curvature": 5}]
+    assert args.grids["IVON"] == methods.DEFAULT_GRIDS["IVON"]              # the others untouched
+    for bad in ("nope=[]", "ADVI=[]", 'ADVI=[{"init_std": 0.1}]', "ADVI"):   # unknown method, empty, no lr, no '='
+        with pytest.raises(SystemExit):
+            classification.parse_args(["--grid", bad])
+        assert "--grid" in capsys.readouterr().err
