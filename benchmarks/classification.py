@@ -243,7 +243,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         name, sep, value = option.partition("=")
         if not sep or name not in methods.CHOICES:
             p.error(f"--grid needs METHOD=JSON with METHOD one of {methods.CHOICES}, got {option!r}")
-        grid = json.loads(value)
+        try:
+            grid = json.loads(value)
+        except json.JSONDecodeError as error:
+            p.error(f"--grid {name}: not JSON ({error}): {value!r}")
         if not (isinstance(grid, list) and grid and all(isinstance(c, dict) and "lr" in c for c in grid)):
             p.error(f"--grid {name}: a non-empty JSON list of configurations, each with an lr, got {value!r}")
         args.grids[name] = grid

@@ -165,7 +165,8 @@ def main() -> None:
     model = ViTForImageClassification.from_pretrained(checkpoint)
     opt = ProxScoreOptimizer(model.parameters(), lr=a.lr, dataset_size=len(ft), prior_mean="init",
                              prior_precision=a.prior_precision, temperature=a.temperature, init_std=a.init_std,
-                             rule=a.rule, scale_lr_ratio=a.scale_lr_ratio, generator=torch.Generator().manual_seed(a.seed))
+                             rule=a.rule, scale_lr_ratio=a.scale_lr_ratio,
+                             generator=torch.Generator().manual_seed(a.seed))
     spread = SpreadLog(opt, model)
     steps = math.ceil(a.epochs * math.ceil(len(ft) / a.batch_size))  # what the Trainer runs
     sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=a.warmup, num_training_steps=steps)

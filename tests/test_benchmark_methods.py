@@ -132,7 +132,8 @@ def test_classification_grid_option_replaces_one_method_grid_and_refuses_bad_one
     args = classification.parse_args(["--grid", 'ProxScore-solved=[{"lr": 0.003, "init_curvature": 5}]'])
     assert args.grids["ProxScore-solved"] == [{"lr": 0.003, "init_curvature": 5}]
     assert args.grids["IVON"] == methods.DEFAULT_GRIDS["IVON"]              # the others untouched
-    for bad in ("nope=[]", "ADVI=[]", 'ADVI=[{"init_std": 0.1}]', "ADVI"):   # unknown method, empty, no lr, no '='
+    # unknown method, empty, no lr, no '=', not JSON
+    for bad in ("nope=[]", "ADVI=[]", 'ADVI=[{"init_std": 0.1}]', "ADVI", "ADVI=[{lr: 1}]"):
         with pytest.raises(SystemExit):
             classification.parse_args(["--grid", bad])
         assert "--grid" in capsys.readouterr().err

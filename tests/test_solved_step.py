@@ -71,9 +71,12 @@ def test_first_order_precision_is_the_linearised_root_clamped_to_the_bracket(rho
     # as one maximum; this checks that reduction on random and on scale-spread statistics, float64.
     g = torch.Generator().manual_seed(3)
     a, b = random_problems(n=50_000, seed=4, dtype=F64)
-    a = torch.cat([a, torch.zeros(100), 10 ** (torch.rand(50_000, generator=g, dtype=F64) * 40 - 20)])
-    b = torch.cat([b, torch.randn(100, generator=g, dtype=F64),
-                   torch.randn(50_000, generator=g, dtype=F64).sign() * 10 ** (torch.rand(50_000, generator=g) * 40 - 20)])
+    def spread(n):   # magnitudes from 1e-20 to 1e20
+        return 10 ** (torch.rand(n, generator=g, dtype=F64) * 40 - 20)
+
+    a = torch.cat([a, torch.zeros(100), spread(50_000)])
+    signs = torch.randn(50_000, generator=g, dtype=F64).sign()
+    b = torch.cat([b, torch.randn(100, generator=g, dtype=F64), signs * spread(50_000)])
     lam = 4 * (1 - rho) / rho
     linear = (lam - 4 * b) / (lam + 4 * a)
     below = a + b > 0

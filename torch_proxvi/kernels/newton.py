@@ -43,9 +43,9 @@ Which root depends on the mean update:
 * ``mean_update="score"`` (Adam) takes the **first-order root**, the linearised root clamped to
   the bracket, which is :math:`\max\big((\lambda_s - 4b)/(\lambda_s + 4a),\;
   \lambda_s/(\lambda_s + 4a + 4b^+)\big)`: the linearised root is below 1 exactly where the
-  root is, and above 1 it never passes :math:`-b/a`. No iteration. It is linear in the noisy :math:`b`, so mini-batch
-  noise averages out: at the Gaussian fixed point with score noise three times the curvature,
-  :math:`E[\log p]` is :math:`-0.05\rho` per step against :math:`+0.43\rho` for the exact root
+  root is, and above 1 it never passes :math:`-b/a`. No iteration. It is linear in the noisy
+  :math:`b`, so mini-batch noise averages out: at the Gaussian fixed point with score noise three
+  times the curvature, :math:`E[\log p]` is :math:`-0.05\rho` per step against :math:`+0.43\rho` for the exact root
   (tests/test_solved_step.py), whose convexity in :math:`b` pushed the precision of a logistic
   regression at batch 32 about 12 % high (docs/benchmarks.md).
 * ``mean_update="newton"`` takes the **exact root**: ``NEWTON_ITERS`` = 2 safeguarded Newton
