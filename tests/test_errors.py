@@ -67,6 +67,7 @@ BAD_OPTIONS = [
     ("scale_lr_ratio", -1),
     ("init_curvature", -1), ("init_curvature", NAN), ("init_curvature", INF), ("init_curvature", True),
     ("init_curvature", 1e300),                       # a start std of 1e-151: out of the state's range
+    ("relative_init_curvature", -1), ("relative_init_curvature", NAN), ("relative_init_curvature", True),
     ("mean_update", "newton"),                       # the "solved" rule's, not the default rule's
     ("dataset_size", 0), ("dataset_size", -5), ("dataset_size", NAN), ("dataset_size", "100"),
     # values that passed and corrupted the state (issue 18, item 6)

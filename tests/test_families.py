@@ -238,6 +238,29 @@ def test_flows_start_their_scale_from_the_data_and_the_prior(name, kw, expected)
 
 
 @pytest.mark.parametrize("name", ["elementwise_flow", "flow"])
+def test_flows_start_a_weight_tensor_relative_to_its_scale_when_asked(name):
+    # relative_init_curvature kappa: sigma_0 = (N kappa / (T r^2) + lambda_0)^(-1/2) for the weight
+    # matrix (r: its RMS), init_std for the bias (the Gaussian's fine-tune start, test_solved_step.py)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.normal_(0, 0.05)
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=500, family=name, init_curvature=1.0,
+                             relative_init_curvature=0.01, temperature=0.5)
+    r2 = model.weight.detach().double().pow(2).mean().item()
+    expected = (500 * 0.01 / (0.5 * r2) + 1.0) ** -0.5
+    tol = 0.1 if name == "flow" else 1e-6            # the dense flow's std: Monte Carlo (test above)
+    torch.testing.assert_close(opt.posterior_std(model.weight), torch.full((2, 3), expected), rtol=tol, atol=0)
+    opt.zero_grad()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    scale = opt.state[model.weight]["log_scale"].exp()
+    assert bool(((scale / expected).log().abs() < 0.5).all())
+    bias = opt.state[model.bias]["log_scale"].exp()
+    assert bool(((bias / (500 / 0.5 + 1.0) ** -0.5).log().abs() < 0.5).all())
+
+
+@pytest.mark.parametrize("name", ["elementwise_flow", "flow"])
 @pytest.mark.parametrize("h0", [-1.0, float("nan"), float("inf"), True, "1", 1e300])
 def test_flows_refuse_a_bad_init_curvature_naming_it(name, h0):
     model = torch.nn.Linear(3, 2)

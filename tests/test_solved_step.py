@@ -16,6 +16,7 @@ import torch
 
 from torch_proxvi import ProxScoreOptimizer
 from torch_proxvi.kernels import StepHyper, newton, one_sample, solved
+from torch_proxvi.kernels import gaussian as kernel_gaussian
 from torch_proxvi.kernels.score import ScoreStats
 from torch_proxvi.reference.testing import fit_linear_regression, linear_regression
 
@@ -217,6 +218,90 @@ def test_initial_spread_follows_the_data_and_the_prior(kw, expected):
     assert bool(((std / expected).log().abs() < 0.5).all())
 
 
+def _fine_tune_model(dtype=torch.float32):
+    """Two weight matrices of different scales (0.5 and 0.02 per weight), a bias and a norm gain."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.LayerNorm(30), torch.nn.Linear(30, 3)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.normal_(0, 0.5)
+        model[2].weight.normal_(0, 0.02)
+    return model
+
+
+def _relative_start(w, n, kappa, temperature=1.0, prior_precision=1.0):
+    mean_square = w.detach().double().pow(2).mean().item()
+    return (n * kappa / (temperature * mean_square) + prior_precision) ** -0.5
+
+
+@pytest.mark.parametrize("kw, kappa", [
+    ({"prior_mean": "init"}, newton.RELATIVE_INIT_CURVATURE),     # a fine-tune: the default
+    ({"prior_mean": "init", "relative_init_curvature": 0.01, "temperature": 0.5, "prior_precision": 4.0}, 0.01),
+    ({"relative_init_curvature": 0.0, "prior_precision": 4.0}, 0.0),      # asked for: from scratch too; 0: the prior
+    ({"rule": "proximal", "relative_init_curvature": 0.01}, 0.01),        # and with the Adam rule
+])
+def test_weight_tensors_start_relative_to_their_own_scale(kw, kappa):
+    # sigma_0 = (N kappa / (T r^2) + lambda_0)^(-1/2) for each tensor of >= 2 dimensions (r: its RMS
+    # at the start), so a tensor 25x larger starts about 25x wider; biases and gains keep init_std
+    model = _fine_tune_model()
+    opt = make(model, **kw)
+    group = opt.param_groups[0]
+    assert group["relative_init_curvature"] == kappa
+    n, temperature, prior_precision = 500, group["temperature"], group["prior_precision"]
+    expected = {model[0].weight: _relative_start(model[0].weight, n, kappa, temperature, prior_precision),
+                model[2].weight: _relative_start(model[2].weight, n, kappa, temperature, prior_precision)}
+    before = {p: opt.posterior_std(p) for p in model.parameters()}          # what the first step will start from
+    weights = {p: p.detach().clone() for p in model.parameters()}
+    opt.zero_grad()
+    model(torch.randn(4, 20)).sum().backward()
+    opt.step()
+    for p in model.parameters():
+        start = expected.get(p, group["init_std"])
+        torch.testing.assert_close(before[p], torch.full(p.shape, start), rtol=1e-6, atol=0)
+        state = {}
+        opt._family(group).init_state(state, weights[p], group)     # what the step's own start was
+        torch.testing.assert_close(state["log_scale"].exp(), torch.full(p.shape, start), rtol=1e-6, atol=0)
+        assert bool(((opt.state[p]["log_scale"].exp() / start).log().abs() < 0.5).all())   # one step from there
+    if kappa > 0:
+        assert expected[model[0].weight] > 10 * expected[model[2].weight]
+
+
+@pytest.mark.parametrize("kw", [
+    {},                                               # from scratch: the weights are a random start
+    {"prior_mean": "init", "init_std": 0.01},         # an explicit init_std wins
+    {"prior_mean": "init", "rule": "proximal"},       # the Adam rule keeps its start
+])
+def test_the_relative_start_is_the_solved_rules_default_in_a_fine_tune_only(kw):
+    model = _fine_tune_model()
+    opt = make(model, **kw)
+    group = opt.param_groups[0]
+    assert group["relative_init_curvature"] is None
+    torch.testing.assert_close(opt.posterior_std(model[0].weight), torch.full((30, 20), group["init_std"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_relative_start_at_the_edges(dtype):
+    model = _fine_tune_model(dtype)
+    with torch.no_grad():
+        model[2].weight.zero_()                       # no scale to be relative to: init_std
+        model[0].weight.mul_(1e-30 if dtype == torch.float64 else 1.0)
+    opt = make(model, prior_mean="init")
+    group = opt.param_groups[0]
+    opt.zero_grad()
+    model(torch.randn(4, 20, dtype=dtype)).sum().backward()
+    opt.step()
+    low, _ = kernel_gaussian.STD_RANGE
+    zero_start = opt.state[model[2].weight]["log_scale"].exp()
+    assert bool(((zero_start / group["init_std"]).log().abs() < 0.5).all())
+    start = opt.state[model[0].weight]["log_scale"].exp()
+    assert opt.state[model[0].weight]["log_scale"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if dtype == torch.float64:                        # r = 5e-31: clamped to the narrowest std the state holds
+        assert bool((start >= low).all()) and bool((start < 1e3 * low).all())
+    else:
+        expected = _relative_start(model[0].weight, 500, newton.RELATIVE_INIT_CURVATURE)
+        assert bool(((start / expected).log().abs() < 0.5).all())
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 @pytest.mark.parametrize("kw, expected", [
     ({}, newton.SCALE_LR_RATIO),                    # the solved rule averages over 1/(0.3 lr) steps
     ({"scale_lr_ratio": 1.0}, 1.0),
@@ -251,6 +336,9 @@ def test_state_is_the_mean_the_scale_and_one_average(mean_update, names):
     ({"init_curvature": True}, "init_curvature"),
     ({"init_curvature": 0.0, "prior_precision": 1e-30}, "init_curvature"),   # sigma_0 = 1e15: too wide to keep
     ({"init_curvature": 1e300}, "init_curvature"),                          # sigma_0 = 1e-151: too narrow
+    ({"relative_init_curvature": -1.0}, "relative_init_curvature"),
+    ({"relative_init_curvature": float("inf")}, "relative_init_curvature"),
+    ({"relative_init_curvature": True}, "relative_init_curvature"),
     ({"inner_steps": 3}, "inner_steps"),           # the step counter would run 3x ahead of the bias correction
 ])
 def test_bad_solved_options_are_refused_naming_them(kw, match):

@@ -150,7 +150,7 @@ def test_ddp_ranks_agree_and_match_single_process_training_on_the_union_batch(tm
         torch.testing.assert_close(opt.state[p]["mean"], m, rtol=1e-4, atol=1e-5)
 
 
-def _fsdp2_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
+def _fsdp2_worker(rank: int, world: int, port: int, out: str, steps: int, options: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -166,7 +166,7 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str, steps: int) -> Non
         refusal = None
     except ValueError as e:
         refusal = str(e)
-    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, init_std=0.05)
+    opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64, **options)
     x, y = data()
     half = len(x) // world
     xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
@@ -185,18 +185,21 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str, steps: int) -> Non
 
 
 @pytest.mark.skipif(not dist.is_available(), reason=NO_DIST)
-def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp_path):
+@pytest.mark.parametrize("options", [{"init_std": 0.05},
+                                     # each weight tensor's start from its whole RMS, not the rank's shard's
+                                     {"rule": "solved", "prior_mean": "init"}], ids=["adam-rule", "solved-fine-tune"])
+def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp_path, options):
     """Under fully_shard each rank holds and samples only its shard; the shards put together are the
     sample and the posterior that one process training on the union batch has."""
     steps = 3
-    mp.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path), steps), nprocs=2, join=True)
+    mp.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path), steps, options), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["seed"] == r1["seed"]
     assert "does not support sharded (DTensor, FSDP2" in r0["refusal"]  # only the Gaussian family, for now
     first_weight = r0["weights"][0]
     assert r0["local"][0].shape[0] == first_weight.shape[0] // 2          # really sharded
     assert torch.equal(torch.cat([r0["local"][0], r1["local"][0]]), first_weight)
-    model, opt = _single_process(r0["seed"], steps, init_std=0.05)
+    model, opt = _single_process(r0["seed"], steps, **options)
     # the same noise on every element (a DTensor draws its global tensor and keeps its shard), and
     # the mean of two half-batch means is the union mean, up to float32 rounding
     for p, w, m, s in zip(model.parameters(), r0["weights"], r0["means"], r0["stds"]):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import predictive as _predictive
-from .families import state_dtype
+from .families import start_std, state_dtype
 
 __all__ = ["PosteriorAccess"]
 
@@ -50,7 +50,7 @@ class PosteriorAccess:
         """The marginal posterior standard deviation of parameter ``p`` (shape of ``p``)."""
         group = self._group_of(p)
         if not self._has_posterior(p):
-            return torch.full(p.shape, float(group["init_std"]), dtype=state_dtype(p), device=p.device)
+            return torch.full(p.shape, start_std(group, p), dtype=state_dtype(p), device=p.device)
         return self._summaries([(group, p)], "std")[p]
 
     # ------------------------------------------------------------------ what the weights hold

@@ -64,6 +64,10 @@ def validate_group(group: dict[str, Any]) -> None:
     _check(h0 is None or (_is_real(h0) and 0 <= h0 < math.inf), "init_curvature", h0,
            "must be a finite float >= 0: a guess of the per-example curvature of the loss, which sets the "
            "initial precision")
+    kappa = group.get("relative_init_curvature")
+    _check(kappa is None or (_is_real(kappa) and 0 <= kappa < math.inf), "relative_init_curvature", kappa,
+           "must be a finite float >= 0: a guess of the per-example curvature in units of each weight tensor's "
+           "scale, which sets the initial precision of tensors with two or more dimensions")
     _check(group["prior_precision"] <= _PRIOR_PRECISION_MAX, "prior_precision", group["prior_precision"],
            f"must be <= {_PRIOR_PRECISION_MAX:.3g}, so that prior_precision * variance stays a finite "
            f"float32 number for every variance the state can hold")

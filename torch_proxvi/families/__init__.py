@@ -8,7 +8,7 @@ The protocol is :class:`~torch_proxvi.families.base.Family`; the group key ``fam
 """
 
 from . import flow, gaussian, sinh_arcsinh
-from .base import Family, SkipStep, get, names, register, sample_and_score, state_dtype
+from .base import Family, SkipStep, get, names, register, sample_and_score, start_std, state_dtype
 
-__all__ = ["Family", "SkipStep", "get", "names", "register", "sample_and_score", "state_dtype", "flow", "gaussian",
-           "sinh_arcsinh"]
+__all__ = ["Family", "SkipStep", "get", "names", "register", "sample_and_score", "start_std", "state_dtype", "flow",
+           "gaussian", "sinh_arcsinh"]

@@ -36,8 +36,10 @@ from torch import Tensor
 
 from ..kernels import StepHyper, score
 from ..kernels.gaussian import STD_RANGE
+from ..kernels.noise import is_dtensor
 
-__all__ = ["Family", "SkipStep", "curvature_init_std", "get", "names", "register", "sample_and_score", "state_dtype"]
+__all__ = ["Family", "SkipStep", "curvature_init_std", "get", "names", "register", "sample_and_score", "start_std",
+           "state_dtype"]
 
 
 class SkipStep(ArithmeticError):
@@ -73,6 +75,29 @@ def curvature_init_std(group: dict[str, Any]) -> float:
                          f"[{low:.3g}, {high:.3g}], where the scale is kept: choose an init_curvature nearer 1, "
                          f"or give init_std)")
     return std
+
+
+def start_std(group: dict[str, Any], p: Tensor) -> float:
+    r"""The start :math:`\sigma_0` of tensor ``p`` (its weights now: the mean's start).
+
+    With ``relative_init_curvature`` :math:`\kappa` (a per-example curvature guess in units of
+    the tensor's own scale) and ``p`` a weight tensor of two or more dimensions whose root mean
+    square :math:`r` is finite and positive: :math:`(N \kappa / (T r^2) + \lambda_0)^{-1/2}`,
+    clamped to the range the state holds. Otherwise (biases and normalisation gains, all-zero
+    tensors, no :math:`\kappa`): the group's ``init_std``."""
+    kappa = group.get("relative_init_curvature")
+    if kappa is None or p.dim() < 2 or p.numel() == 0:
+        return float(group["init_std"])
+    norm = torch.linalg.vector_norm(p.detach(), dtype=state_dtype(p))
+    if is_dtensor(norm):        # a sharded weight (FSDP2): the whole tensor's norm, the same on every rank
+        norm = norm.full_tensor()
+    norm = float(norm)
+    mean_square = norm * norm / p.numel()
+    if not 0 < mean_square < float("inf"):
+        return float(group["init_std"])
+    precision = group["dataset_size"] * kappa / (group["temperature"] * mean_square) + group["prior_precision"]
+    low, high = STD_RANGE
+    return min(max(precision ** -0.5, low), high)
 
 
 def sum_weights(values: Tensor, like: Tensor) -> Tensor:

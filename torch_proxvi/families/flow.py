@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..kernels.gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN
 from . import _proximal
-from .base import Family, register, state_dtype
+from .base import Family, register, start_std, state_dtype
 
 __all__ = ["DenseFlow", "MAX_DIM", "DEFAULT_OPTIONS"]
 
@@ -171,7 +171,7 @@ class DenseFlow(Family):
     variational = ("loc", "log_scale")
     mean_updates = ("residual",)
     scale_lr_ratio = 10.0
-    options = {"init_curvature": None}
+    options = {"init_curvature": None, "relative_init_curvature": None}
     _mean_update_note = ("the flow's location follows the full score-matching residual; leave "
                          "mean_update=None")
 
@@ -199,7 +199,7 @@ class DenseFlow(Family):
         loc = p.detach().to(state_dtype(p), copy=True)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["loc"] = loc
-        state["log_scale"] = torch.full_like(loc, math.log(group["init_std"]))
+        state["log_scale"] = torch.full_like(loc, math.log(start_std(group, p)))
         names = ["loc", "log_scale"]
         if p is group["params"][0]:
             module, _, _ = _template(group, _dim(group), loc.dtype, loc.device)

@@ -31,7 +31,7 @@ from ..kernels import StepHyper, dispatch, newton
 from ..kernels import gaussian as kernel
 from ..kernels.noise import normal_
 from ..kernels.score import ScoreStats, accumulate, one_sample
-from .base import Family, register, state_dtype, sum_weights
+from .base import Family, register, start_std, state_dtype, sum_weights
 
 __all__ = ["Gaussian", "first_moments", "state_dtype"]
 
@@ -64,13 +64,17 @@ class Gaussian(Family):
     variational = ("mean", "log_scale")
     rules = ("proximal", "elbo", "solved")
     mean_updates = tuple(dict.fromkeys(kernel.MEAN_UPDATES + newton.MEAN_UPDATES))   # "score" first: the default
-    options = {"init_curvature": None}
+    options = {"init_curvature": None, "relative_init_curvature": None}
 
     def validate(self, group):
         if group.get("rule") == "solved":   # the rule's own defaults: rho = 0.3 lr, a start from the data
             for key, default in (("scale_lr_ratio", newton.SCALE_LR_RATIO), ("init_curvature", newton.INIT_CURVATURE)):
                 if group.get(key) is None:
                     group[key] = default
+            # a fine-tune (weights that mean something): each weight tensor starts relative to its own scale
+            fine_tune = group["prior_mean"] == "init" and group["init_std"] is None
+            if fine_tune and group.get("relative_init_curvature") is None:
+                group["relative_init_curvature"] = newton.RELATIVE_INIT_CURVATURE
         super().validate(group)
         allowed = dispatch.RULES[group["rule"]].MEAN_UPDATES
         if group["mean_update"] not in allowed:
@@ -90,10 +94,10 @@ class Gaussian(Family):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         mean = p.detach().to(state_dtype(p), copy=True)
         if group["rule"] == "solved":
-            newton.init_state(state, mean, init_std=group["init_std"], mean_update=group["mean_update"],
+            newton.init_state(state, mean, init_std=start_std(group, p), mean_update=group["mean_update"],
                               first_moments=group["betas"][0] > 0)
         else:
-            kernel.init_state(state, mean, init_std=group["init_std"], first_moments=group["betas"][0] > 0)
+            kernel.init_state(state, mean, init_std=start_std(group, p), first_moments=group["betas"][0] > 0)
 
     def sample(self, group, params, states, generator, count=None, *, path="single"):
         out = []
