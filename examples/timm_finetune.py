@@ -19,6 +19,7 @@ pretrained weights). AdamW is evaluated by its softmax, ProxScore by the Bayesia
     python examples/timm_finetune.py                 # about 4-5 minutes on 2 CPU cores
     python examples/timm_finetune.py --plot          # also write docs/img/timm_reliability.png
     python examples/timm_finetune.py --quick         # smoke run, well under a minute
+    python examples/timm_finetune.py --rules proximal solved   # ProxScore with each rule, the same batches
 """
 
 from __future__ import annotations
@@ -186,6 +187,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr-adamw", type=float, default=1e-3)
     p.add_argument("--lr-proxvi", type=float, default=1e-3)
     p.add_argument("--n-samples", type=int, default=8, help="posterior samples in the ProxScore predictive")
+    p.add_argument("--rules", nargs="+", choices=("proximal", "solved"), default=["proximal"],
+                   help="ProxScore's update rule(s), one run each (solved: docs/api.md)")
+    p.add_argument("--relative-init-curvature", type=float, default=None,
+                   help="ProxScore: start each weight tensor's spread relative to its own RMS (docs/api.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, 1 epoch")
@@ -224,25 +229,32 @@ def main() -> None:
           f"{args.size}x{args.size}, {args.epochs} epoch(s), {len(order)} steps of batch {args.batch_size}")
 
     rows, results = [], {}
-    for name in ("AdamW", "ProxScore"):
+    for name, rule in [("AdamW", None)] + [("ProxScore", rule) for rule in args.rules]:
         torch.manual_seed(args.seed)
         model = copy.deepcopy(pretrained)
         if name == "AdamW":
             opt = timm.optim.create_optimizer_v2(model, "adamw", lr=args.lr_adamw, weight_decay=0.01)
         else:
             opt = timm.optim.create_optimizer_v2(model, "proxvi", lr=args.lr_proxvi, weight_decay=0.0,
-                                                 dataset_size=len(y_train), prior_mean="init")
+                                                 dataset_size=len(y_train), prior_mean="init", rule=rule,
+                                                 relative_init_curvature=args.relative_init_curvature)
         t = time.perf_counter()
         train(model, opt, x_train, y_train, order, desc=name)
         t_train = time.perf_counter() - t
         t = time.perf_counter()
         probs = evaluate(model, x_test, opt=None if name == "AdamW" else opt, n_samples=args.n_samples)
         t_eval = time.perf_counter() - t
-        label = name if name == "AdamW" else f"ProxScore (predictive, {args.n_samples} samples)"
+        tag = "" if rule in (None, "proximal") else f" rule={rule}"
+        label = name if name == "AdamW" else f"ProxScore{tag} (predictive, {args.n_samples} samples)"
         results[label] = probs
         rows.append((label, 100 * metrics.accuracy(probs, y_test).item(), metrics.nll(probs, y_test).item(),
                      metrics.ece(probs, y_test).item(), t_train, t_eval))
-        print(f"{name}: train {t_train:.1f}s, eval {t_eval:.1f}s")
+        if name == "AdamW":
+            spread = ""
+        else:
+            std = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
+            spread = f", posterior std median {std.median():.2e}"
+        print(f"{name}{tag}: train {t_train:.1f}s, eval {t_eval:.1f}s{spread}")
 
     print("\n| method | test accuracy % | NLL | ECE | train s | eval s |")
     print("|---|---|---|---|---|---|")

@@ -233,8 +233,12 @@ def _relative_start(w, n, kappa, temperature=1.0, prior_precision=1.0):
     return (n * kappa / (temperature * mean_square) + prior_precision) ** -0.5
 
 
+#: the value measured on the two fine-tunes of docs/benchmarks.md where the start helped
+KAPPA = 0.0025
+
+
 @pytest.mark.parametrize("kw, kappa", [
-    ({"prior_mean": "init"}, newton.RELATIVE_INIT_CURVATURE),     # a fine-tune: the default
+    ({"prior_mean": "init", "relative_init_curvature": KAPPA}, KAPPA),
     ({"prior_mean": "init", "relative_init_curvature": 0.01, "temperature": 0.5, "prior_precision": 4.0}, 0.01),
     ({"relative_init_curvature": 0.0, "prior_precision": 4.0}, 0.0),      # asked for: from scratch too; 0: the prior
     ({"rule": "proximal", "relative_init_curvature": 0.01}, 0.01),        # and with the Adam rule
@@ -266,11 +270,11 @@ def test_weight_tensors_start_relative_to_their_own_scale(kw, kappa):
 
 
 @pytest.mark.parametrize("kw", [
-    {},                                               # from scratch: the weights are a random start
-    {"prior_mean": "init", "init_std": 0.01},         # an explicit init_std wins
-    {"prior_mean": "init", "rule": "proximal"},       # the Adam rule keeps its start
+    {},
+    {"prior_mean": "init"},     # off in a fine-tune too: it wrecked a whole-network BatchNorm fine-tune
+    {"prior_mean": "init", "rule": "proximal"},
 ])
-def test_the_relative_start_is_the_solved_rules_default_in_a_fine_tune_only(kw):
+def test_the_relative_start_is_off_unless_asked(kw):
     model = _fine_tune_model()
     opt = make(model, **kw)
     group = opt.param_groups[0]
@@ -284,7 +288,7 @@ def test_the_relative_start_at_the_edges(dtype):
     with torch.no_grad():
         model[2].weight.zero_()                       # no scale to be relative to: init_std
         model[0].weight.mul_(1e-30 if dtype == torch.float64 else 1.0)
-    opt = make(model, prior_mean="init")
+    opt = make(model, prior_mean="init", relative_init_curvature=KAPPA)
     group = opt.param_groups[0]
     opt.zero_grad()
     model(torch.randn(4, 20, dtype=dtype)).sum().backward()
@@ -297,7 +301,7 @@ def test_the_relative_start_at_the_edges(dtype):
     if dtype == torch.float64:                        # r = 5e-31: clamped to the narrowest std the state holds
         assert bool((start >= low).all()) and bool((start < 1e3 * low).all())
     else:
-        expected = _relative_start(model[0].weight, 500, newton.RELATIVE_INIT_CURVATURE)
+        expected = _relative_start(model[0].weight, 500, KAPPA)
         assert bool(((start / expected).log().abs() < 0.5).all())
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 

@@ -187,7 +187,8 @@ def _fsdp2_worker(rank: int, world: int, port: int, out: str, steps: int, option
 @pytest.mark.skipif(not dist.is_available(), reason=NO_DIST)
 @pytest.mark.parametrize("options", [{"init_std": 0.05},
                                      # each weight tensor's start from its whole RMS, not the rank's shard's
-                                     {"rule": "solved", "prior_mean": "init"}], ids=["adam-rule", "solved-fine-tune"])
+                                     {"rule": "solved", "prior_mean": "init", "relative_init_curvature": 0.0025}],
+                         ids=["adam-rule", "solved-relative-start"])
 def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp_path, options):
     """Under fully_shard each rank holds and samples only its shard; the shards put together are the
     sample and the posterior that one process training on the union batch has."""

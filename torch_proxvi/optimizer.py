@@ -84,10 +84,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             data's, :math:`(N h_0 / T + \lambda_0)^{-1/2}`, for ``rule="solved"`` and wherever
             ``init_curvature`` :math:`h_0` (a per-example curvature guess; every family takes it)
             is given, with :math:`h_0 = 1` for ``rule="solved"`` when it is not; else 1e-3.
-            In a fine-tune with ``rule="solved"`` (``prior_mean="init"``) each weight tensor of two
-            or more dimensions starts relative to its own scale instead (``relative_init_curvature``,
-            a family option: :math:`P_0 = N\kappa/(T r^2) + \lambda_0`, r the tensor's RMS,
-            :math:`\kappa = 0.0025` by default there, off elsewhere; docs/api.md).
+            ``relative_init_curvature`` :math:`\kappa` (a family option; None, off, by default)
+            starts each weight tensor of two or more dimensions relative to its own scale instead:
+            :math:`P_0 = N\kappa/(T r^2) + \lambda_0`, r the tensor's RMS (docs/api.md).
         mc_samples: K, samples per step when ``step`` gets a closure.
         inner_steps: Adam steps on the proximal objective per ``step``.
         prox_weight: :math:`\lambda_{prox}` (acts from the second inner step on).

@@ -71,10 +71,6 @@ class Gaussian(Family):
             for key, default in (("scale_lr_ratio", newton.SCALE_LR_RATIO), ("init_curvature", newton.INIT_CURVATURE)):
                 if group.get(key) is None:
                     group[key] = default
-            # a fine-tune (weights that mean something): each weight tensor starts relative to its own scale
-            fine_tune = group["prior_mean"] == "init" and group["init_std"] is None
-            if fine_tune and group.get("relative_init_curvature") is None:
-                group["relative_init_curvature"] = newton.RELATIVE_INIT_CURVATURE
         super().validate(group)
         allowed = dispatch.RULES[group["rule"]].MEAN_UPDATES
         if group["mean_update"] not in allowed:

@@ -82,8 +82,7 @@ from .adam import adam
 from .gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN, mean, sample, std
 from .score import ScoreStats
 
-__all__ = ["STATE", "MEAN_UPDATES", "NEWTON_ITERS", "SCALE_LR_RATIO", "INIT_CURVATURE",
-           "RELATIVE_INIT_CURVATURE", "RHO_MAX", "CAP",
+__all__ = ["STATE", "MEAN_UPDATES", "NEWTON_ITERS", "SCALE_LR_RATIO", "INIT_CURVATURE", "RHO_MAX", "CAP",
            "init_state", "precision_ratio", "update", "sample", "mean", "std"]
 
 STATE = ("mean", "log_scale", "mean_exp_avg", "mean_exp_avg_sq", "prior_mean")
@@ -94,10 +93,6 @@ NEWTON_ITERS = 2
 SCALE_LR_RATIO = 0.3
 #: the rule's ``init_curvature`` when the group leaves it None: it always starts from the data
 INIT_CURVATURE = 1.0
-#: the rule's ``relative_init_curvature`` with ``prior_mean="init"`` (a fine-tune) when the group
-#: gives neither it nor ``init_std``: the two fine-tunes measured agree on it (docs/benchmarks.md,
-#: "A start relative to each tensor's scale")
-RELATIVE_INIT_CURVATURE = 0.0025
 #: largest precision trust fraction: the KL's barrier keeps the precision positive
 RHO_MAX = 0.5
 #: the bracket above p = 1 ends at CAP times the linearised root (a trust region where a -> 0)
