@@ -189,6 +189,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-samples", type=int, default=8, help="posterior samples in the ProxScore predictive")
     p.add_argument("--rules", nargs="+", choices=("proximal", "solved"), default=["proximal"],
                    help="ProxScore's update rule(s), one run each (solved: docs/api.md)")
+    p.add_argument("--init-curvature", type=float, default=None,
+                   help="ProxScore: the per-example curvature guess that starts the spread (docs/api.md)")
     p.add_argument("--relative-init-curvature", type=float, default=None,
                    help="ProxScore: start each weight tensor's spread relative to its own RMS (docs/api.md)")
     p.add_argument("--seed", type=int, default=0)
@@ -237,6 +239,7 @@ def main() -> None:
         else:
             opt = timm.optim.create_optimizer_v2(model, "proxvi", lr=args.lr_proxvi, weight_decay=0.0,
                                                  dataset_size=len(y_train), prior_mean="init", rule=rule,
+                                                 init_curvature=args.init_curvature,
                                                  relative_init_curvature=args.relative_init_curvature)
         t = time.perf_counter()
         train(model, opt, x_train, y_train, order, desc=name)
