@@ -38,8 +38,8 @@ from ..kernels import StepHyper, score
 from ..kernels.gaussian import STD_RANGE
 from ..kernels.noise import is_dtensor
 
-__all__ = ["Family", "SkipStep", "curvature_init_std", "get", "names", "register", "sample_and_score", "start_std",
-           "state_dtype"]
+__all__ = ["Family", "SkipStep", "START_OPTIONS", "curvature_init_std", "get", "names", "register", "sample_and_score",
+           "start_std", "state_dtype"]
 
 
 class SkipStep(ArithmeticError):
@@ -75,6 +75,11 @@ def curvature_init_std(group: dict[str, Any]) -> float:
                          f"[{low:.3g}, {high:.3g}], where the scale is kept: choose an init_curvature nearer 1, "
                          f"or give init_std)")
     return std
+
+
+#: the group keys of the data-driven start (:func:`curvature_init_std`, :func:`start_std`), which
+#: every family whose ``init_state`` calls :func:`start_std` declares in its ``options``
+START_OPTIONS: dict[str, Any] = {"init_curvature": None, "relative_init_curvature": None}
 
 
 def start_std(group: dict[str, Any], p: Tensor) -> float:

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 
 from ..kernels.gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN
 from . import _proximal
-from .base import Family, register, start_std, state_dtype
+from .base import START_OPTIONS, Family, register, start_std, state_dtype
 
 __all__ = ["DenseFlow", "MAX_DIM", "DEFAULT_OPTIONS"]
 
@@ -171,7 +171,7 @@ class DenseFlow(Family):
     variational = ("loc", "log_scale")
     mean_updates = ("residual",)
     scale_lr_ratio = 10.0
-    options = {"init_curvature": None, "relative_init_curvature": None}
+    options = dict(START_OPTIONS)
     _mean_update_note = ("the flow's location follows the full score-matching residual; leave "
                          "mean_update=None")
 

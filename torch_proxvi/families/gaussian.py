@@ -31,7 +31,7 @@ from ..kernels import StepHyper, dispatch, newton
 from ..kernels import gaussian as kernel
 from ..kernels.noise import normal_
 from ..kernels.score import ScoreStats, accumulate, one_sample
-from .base import Family, register, start_std, state_dtype, sum_weights
+from .base import START_OPTIONS, Family, register, start_std, state_dtype, sum_weights
 
 __all__ = ["Gaussian", "first_moments", "state_dtype"]
 
@@ -64,7 +64,7 @@ class Gaussian(Family):
     variational = ("mean", "log_scale")
     rules = ("proximal", "elbo", "solved")
     mean_updates = tuple(dict.fromkeys(kernel.MEAN_UPDATES + newton.MEAN_UPDATES))   # "score" first: the default
-    options = {"init_curvature": None, "relative_init_curvature": None}
+    options = dict(START_OPTIONS)
 
     def validate(self, group):
         if group.get("rule") == "solved":   # the rule's own defaults: rho = 0.3 lr, a start from the data

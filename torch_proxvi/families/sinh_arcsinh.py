@@ -49,7 +49,7 @@ from torch import Tensor
 from ..kernels.adam import adam
 from ..kernels.gaussian import LOG_SCALE_MAX, LOG_SCALE_MIN
 from . import _proximal
-from .base import Family, register, start_std, state_dtype, sum_weights
+from .base import START_OPTIONS, Family, register, start_std, state_dtype, sum_weights
 
 __all__ = ["ElementwiseFlow", "transform", "log_prob", "score", "kl_draw"]
 
@@ -230,7 +230,7 @@ class ElementwiseFlow(Family):
     #: one sample and one inner step (the common step) use the closed-form gradients; False
     #: forces the generic autograd step (the parity tests compare the two)
     closed_form = True
-    options = {"init_curvature": None, "relative_init_curvature": None}
+    options = dict(START_OPTIONS)
 
     def init_state(self, state, p, group):
         loc = p.detach().to(state_dtype(p), copy=True)
