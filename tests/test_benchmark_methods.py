@@ -137,3 +137,26 @@ def test_classification_grid_option_replaces_one_method_grid_and_refuses_bad_one
         with pytest.raises(SystemExit):
             classification.parse_args(["--grid", bad])
         assert "--grid" in capsys.readouterr().err
+
+
+def test_start_sensitivity_fisher_is_the_per_example_squared_gradient_averaged_over_the_tensor():
+    import start_sensitivity
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    model = model.double()
+    fisher = start_sensitivity.fisher(model, x, y)
+    assert set(fisher) == {"weight"}  # weight tensors only: biases and gains keep the h0 start
+    with torch.no_grad():
+        residual = model(x).softmax(-1) - nn.functional.one_hot(y, 3)     # dCE/dlogits per example
+        per_example = residual[:, :, None] * x[:, None, :]                # dCE/dW per example
+    assert fisher["weight"] == pytest.approx(float(per_example.pow(2).mean()), rel=1e-10)
+    # the squared mean gradient (what a batch backward gives) is smaller: the two must not agree
+    assert fisher["weight"] > 1.5 * float(per_example.mean(0).pow(2).mean())
+
+
+def test_start_sensitivity_weighted_median_weighs_by_size():
+    import start_sensitivity
+    assert start_sensitivity.weighted_median([3.0, 1.0, 2.0], [1, 1, 1]) == 2.0
+    assert start_sensitivity.weighted_median([3.0, 1.0, 2.0], [10, 1, 1]) == 3.0
+    assert start_sensitivity.weighted_median([1e-3, 0.4], [1000, 10]) == 1e-3
