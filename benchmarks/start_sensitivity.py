@@ -41,6 +41,7 @@ import copy
 import sys
 from pathlib import Path
 
+import methods
 import requires
 import torch
 import torch.nn.functional as F
@@ -160,8 +161,8 @@ def noise_rows(name: str, model: torch.nn.Module, n: int, x, draws: int) -> list
             nsr += float((phi_u - phi).pow(2).sum() / phi.pow(2).sum()) / draws
             kl += float(F.kl_div(logits.log_softmax(-1), logits_u.log_softmax(-1), log_target=True,
                                  reduction="batchmean")) / draws
-        median = float(torch.cat([s.flatten() for s in stds]).median())
-        rows.append(f"| {name} | {'h₀' if kind == 'h0' else 'κ'} = {value:g} | {median:.2e} | {nsr:.3f} | {kl:.4f} |")
+        rows.append(f"| {name} | {'h₀' if kind == 'h0' else 'κ'} = {value:g} | {methods.median_std(opt):.2e} | "
+                    f"{nsr:.3f} | {kl:.4f} |")
     return rows
 
 
