@@ -234,26 +234,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "EfficientNet at 224x224 (hours on CPU; for a GPU)")
     p.add_argument("--plot", action="store_true", help=f"write reliability diagrams to {PLOT_PATH}")
     p.add_argument("--json", type=Path, help="write the raw results here")
-    p.add_argument("--grid", action="append", default=[], metavar="METHOD=JSON",
-                   help="replace a method's validation grid (a JSON list of configurations), e.g. "
-                        "'ProxScore-solved=[{\"lr\": 0.003, \"init_curvature\": 5}]' (repeatable)")
+    methods.add_grid_option(p)
     args = p.parse_args(argv)
-    args.grids = dict(methods.DEFAULT_GRIDS)
-    for option in args.grid:
-        name, sep, value = option.partition("=")
-        if not sep or name not in methods.CHOICES:
-            p.error(f"--grid needs METHOD=JSON with METHOD one of {methods.CHOICES}, got {option!r}")
-        try:
-            grid = json.loads(value)
-        except json.JSONDecodeError as error:
-            p.error(f"--grid {name}: not JSON ({error}): {value!r}")
-        if not (isinstance(grid, list) and grid and all(isinstance(c, dict) and "lr" in c for c in grid)):
-            p.error(f"--grid {name}: a non-empty JSON list of configurations, each with an lr, got {value!r}")
-        args.grids[name] = grid
+    args.grids = methods.grids(p, args.grid)
     if args.smoke:
         args.train, args.epochs, args.lite_train, args.lite_epochs, args.samples, args.seeds = 512, 1, 256, 1, 4, 2
         args.size, args.batch_size = 32, 64
-        args.grids = {m: g[1:2] for m, g in args.grids.items()}
+        args.grids = {m: g[1:2] or g[:1] for m, g in args.grids.items()}
     if args.full:
         args.train, args.epochs, args.lite_train, args.lite_epochs = 50_000, 10, 50_000, 5
         args.size, args.frozen_stages = 224, 0

@@ -297,7 +297,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plot", action="store_true", help=f"write {PLOT_PATH.relative_to(ROOT)}")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    methods.add_grid_option(ap)
     args = ap.parse_args(argv)
+    args.grids = methods.grids(ap, args.grid)
     if args.smoke and args.full:
         ap.error("--smoke and --full exclude each other")
     if args.epochs is None:
@@ -313,7 +315,7 @@ def main(argv=None) -> dict:
                       *(["matplotlib"] if args.plot else [])])
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
-    grids = {m: methods.DEFAULT_GRIDS[m][1:2] if args.smoke else methods.DEFAULT_GRIDS[m] for m in args.methods}
+    grids = {m: args.grids[m][1:2] or args.grids[m][:1] if args.smoke else args.grids[m] for m in args.methods}
     t_start = time.time()
     results, report = [], {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                            "tasks": []}

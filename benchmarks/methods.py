@@ -21,7 +21,9 @@ the same size, so the tuning budget is the same.
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +60,29 @@ DEFAULT_GRIDS["ProxScore-flow"] = DEFAULT_GRIDS["ProxScore"]
 DEFAULT_GRIDS["ProxScore-solved"] = [{"lr": lr, "init_curvature": h} for lr, h in itertools.product((3e-3, 1e-2),
                                                                                                       (1.0, 5.0))]
 
+
+def add_grid_option(parser: argparse.ArgumentParser) -> None:
+    """``--grid METHOD=JSON`` (repeatable): replace a method's validation grid; read by :func:`grids`."""
+    parser.add_argument("--grid", action="append", default=[], metavar="METHOD=JSON",
+                        help="replace a method's validation grid (a JSON list of configurations), e.g. "
+                             "'ProxScore-solved=[{\"lr\": 0.003, \"init_curvature\": 5}]' (repeatable)")
+
+
+def grids(parser: argparse.ArgumentParser, options: Sequence[str]) -> dict[str, list[dict]]:
+    """:data:`DEFAULT_GRIDS` with the ``--grid`` options applied; a malformed one is a parser error."""
+    out = dict(DEFAULT_GRIDS)
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep or name not in CHOICES:
+            parser.error(f"--grid needs METHOD=JSON with METHOD one of {CHOICES}, got {option!r}")
+        try:
+            grid = json.loads(value)
+        except json.JSONDecodeError as error:
+            parser.error(f"--grid {name}: not JSON ({error}): {value!r}")
+        if not (isinstance(grid, list) and grid and all(isinstance(c, dict) and "lr" in c for c in grid)):
+            parser.error(f"--grid {name}: a non-empty JSON list of configurations, each with an lr, got {value!r}")
+        out[name] = grid
+    return out
 
 def make(name: str, model: nn.Module, dataset_size: int, config: dict, seed: int, **vi_options):
     """The optimizer ``name`` over ``model``'s trainable parameters with one grid configuration.

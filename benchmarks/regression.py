@@ -80,6 +80,7 @@ class Settings:
     n_samples: int = 32
     subsample: int | None = None   # keep this many rows of each dataset (smoke runs)
     grid_size: int | None = None   # keep this many configurations per grid (smoke runs)
+    grids: dict[str, list[dict]] = field(default_factory=lambda: dict(methods.DEFAULT_GRIDS))
     progress: bool = True
 
 
@@ -238,7 +239,7 @@ def run_dataset(x: Tensor, y: Tensor, cfg: Settings, progress=None) -> dict[str,
 
 
 def grid(method: str, cfg: Settings) -> list[dict]:
-    g = methods.DEFAULT_GRIDS[method]
+    g = cfg.grids[method]
     if cfg.grid_size is not None and cfg.grid_size < len(g):
         # keep the largest learning rates: a few smoke-run steps should still learn something
         g = sorted(g, key=lambda c: -c["lr"])[:cfg.grid_size]
@@ -346,10 +347,12 @@ def parse(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     ap.add_argument("--full", action="store_true", help="paper size: 20 splits, 400 epochs, 100 samples")
     ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
     ap.add_argument("--no-progress", action="store_true")
+    methods.add_grid_option(ap)
     args = ap.parse_args(argv)
     if args.smoke and args.full:
         ap.error("--smoke and --full exclude each other")
-    cfg = Settings(datasets=args.datasets, methods=args.methods, progress=not args.no_progress)
+    cfg = Settings(datasets=args.datasets, methods=args.methods, progress=not args.no_progress,
+                   grids=methods.grids(ap, args.grid))
     if args.full:
         cfg = replace(cfg, splits=20, epochs=400, n_samples=100, width=50)
     if args.smoke:

@@ -110,6 +110,9 @@ def main() -> None:
                         help="ProxScore's Gaussian rule (docs/api.md); 'solved' starts the std from the data")
     parser.add_argument("--init-std", type=float, default=None,
                         help="initial posterior std (default: the rule's, 1e-3 for 'proximal')")
+    parser.add_argument("--init-curvature", type=float, default=None,
+                        help="start the std from the data, (N * h0 / T + prior precision) ** -0.5 (docs/api.md; "
+                             "default: the rule's, 5 for 'solved')")
     parser.add_argument("--relative-init-curvature", type=float, default=None,
                         help="start each weight matrix's spread relative to its own RMS (docs/api.md)")
     parser.add_argument("--scale-lr-ratio", type=float, default=None,
@@ -168,7 +171,7 @@ def main() -> None:
     opt = ProxScoreOptimizer(model.parameters(), lr=a.lr, dataset_size=len(ft), prior_mean="init",
                              prior_precision=a.prior_precision, temperature=a.temperature, init_std=a.init_std,
                              rule=a.rule, scale_lr_ratio=a.scale_lr_ratio,
-                             relative_init_curvature=a.relative_init_curvature,
+                             init_curvature=a.init_curvature, relative_init_curvature=a.relative_init_curvature,
                              generator=torch.Generator().manual_seed(a.seed))
     spread = SpreadLog(opt, model)
     steps = math.ceil(a.epochs * math.ceil(len(ft) / a.batch_size))  # what the Trainer runs

@@ -25,6 +25,13 @@ from torch import nn  # noqa: E402
 
 from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
 
+# One intra-op thread. The suite's tensors are small, where torch's thread pool costs more than it
+# saves, and its workers spin against whatever else the machine runs: 300 steps of a 2-D flow took
+# 4.2 s with one thread and 55 s with two on 2 cores shared with another job. Every path is
+# compared within one process, so the thread count changes no assertion; a test that wants
+# threads sets them.
+torch.set_num_threads(1)
+
 OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, **kw}

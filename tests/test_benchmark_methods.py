@@ -126,16 +126,25 @@ def test_benchmarks_stop_at_once_naming_the_install_command(tmp_path, monkeypatc
     assert "Adam" not in capsys.readouterr().out  # nothing trained
 
 
-def test_classification_grid_option_replaces_one_method_grid_and_refuses_bad_ones(capsys):
-    import classification
+def _grids(script: str, argv: list[str]) -> dict:
+    """The validation grids a benchmark script would run with ``argv``."""
+    module = __import__(script)
+    if script == "regression":
+        cfg = module.parse(argv)[0]
+        return {m: module.grid(m, cfg) for m in methods.CHOICES}
+    return module.parse_args(argv).grids
 
-    args = classification.parse_args(["--grid", 'ProxScore-solved=[{"lr": 0.003, "init_curvature": 5}]'])
-    assert args.grids["ProxScore-solved"] == [{"lr": 0.003, "init_curvature": 5}]
-    assert args.grids["IVON"] == methods.DEFAULT_GRIDS["IVON"]              # the others untouched
+
+@pytest.mark.parametrize("script", ["classification", "regression", "forecasting"])
+def test_grid_option_replaces_one_method_grid_and_refuses_bad_ones(script, capsys):
+    grids = _grids(script, ["--grid", 'ProxScore-solved=[{"lr": 0.003, "init_curvature": 5}]'])
+    assert grids["ProxScore-solved"] == [{"lr": 0.003, "init_curvature": 5}]
+    assert grids["IVON"] == methods.DEFAULT_GRIDS["IVON"]              # the others untouched
+    assert _grids(script, [])["ProxScore-solved"] == methods.DEFAULT_GRIDS["ProxScore-solved"]
     # unknown method, empty, no lr, no '=', not JSON
     for bad in ("nope=[]", "ADVI=[]", 'ADVI=[{"init_std": 0.1}]', "ADVI", "ADVI=[{lr: 1}]"):
         with pytest.raises(SystemExit):
-            classification.parse_args(["--grid", bad])
+            _grids(script, ["--grid", bad])
         assert "--grid" in capsys.readouterr().err
 
 

@@ -83,7 +83,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         init_std: initial posterior standard deviation of every weight. None (default): the
             data's, :math:`(N h_0 / T + \lambda_0)^{-1/2}`, for ``rule="solved"`` and wherever
             ``init_curvature`` :math:`h_0` (a per-example curvature guess; every family takes it)
-            is given, with :math:`h_0 = 1` for ``rule="solved"`` when it is not; else 1e-3.
+            is given, with :math:`h_0 = 5` for ``rule="solved"`` when it is not; else 1e-3.
             ``relative_init_curvature`` :math:`\kappa` (a family option; None, off, by default)
             starts each weight tensor of two or more dimensions relative to its own scale instead:
             :math:`P_0 = N\kappa/(T r^2) + \lambda_0`, r the tensor's RMS (docs/api.md).

@@ -91,8 +91,10 @@ NEWTON_ITERS = 2
 #: the rule's ``scale_lr_ratio`` when the group leaves it None: rho = 0.3 lr averages the noisy
 #: curvature estimates over more steps than rho = lr (docs/benchmarks.md, "The solved proximal step")
 SCALE_LR_RATIO = 0.3
-#: the rule's ``init_curvature`` when the group leaves it None: it always starts from the data
-INIT_CURVATURE = 1.0
+#: the rule's ``init_curvature`` when the group leaves it None: it always starts from the data; h0 = 5
+#: never wrecked a fine-tune measured, h0 = 1 lost 3-12 points of accuracy on a whole network
+#: (docs/benchmarks.md, "The solved rule's default start")
+INIT_CURVATURE = 5.0
 #: largest precision trust fraction: the KL's barrier keeps the precision positive
 RHO_MAX = 0.5
 #: the bracket above p = 1 ends at CAP times the linearised root (a trust region where a -> 0)
