@@ -7,6 +7,7 @@ scikit-learn's bundled digits instead.
 
     python examples/demo.py                  # MNIST, 10 epochs, about 4 minutes on 2 CPU cores
     python examples/demo.py --dataset digits --epochs 60 --batch-size 64
+    python examples/demo.py --rule solved    # ProxScore with the proximal step solved per weight
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rule", choices=("proximal", "solved"), default=None,
+                    help="ProxScore's Gaussian rule (default: the library's, 'proximal'; docs/api.md)")
     args = ap.parse_args()
 
     try:
@@ -63,7 +66,7 @@ def main() -> None:
         "Adam + prior (MAP)": lambda params: torch.optim.Adam(params, lr=args.lr,
                                                               weight_decay=1.0 / n_train),
         # The two-line change: the optimizer, and the dataset size it needs for the posterior.
-        "ProxScore": lambda params: ProxScoreOptimizer(params, lr=args.lr, dataset_size=n_train),
+        "ProxScore": lambda params: ProxScoreOptimizer(params, lr=args.lr, dataset_size=n_train, rule=args.rule),
     }
     rows = {}
     for name, make_opt in optimizers.items():
