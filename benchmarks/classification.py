@@ -240,7 +240,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.train, args.epochs, args.lite_train, args.lite_epochs, args.samples, args.seeds = 512, 1, 256, 1, 4, 2
         args.size, args.batch_size = 32, 64
-        args.grids = {m: g[1:2] or g[:1] for m, g in args.grids.items()}
+        args.grids = {m: methods.smoke_grid(g) for m, g in args.grids.items()}
     if args.full:
         args.train, args.epochs, args.lite_train, args.lite_epochs = 50_000, 10, 50_000, 5
         args.size, args.frozen_stages = 224, 0

@@ -315,7 +315,7 @@ def main(argv=None) -> dict:
                       *(["matplotlib"] if args.plot else [])])
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
-    grids = {m: args.grids[m][1:2] or args.grids[m][:1] if args.smoke else args.grids[m] for m in args.methods}
+    grids = {m: methods.smoke_grid(args.grids[m]) if args.smoke else args.grids[m] for m in args.methods}
     t_start = time.time()
     results, report = [], {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                            "tasks": []}

@@ -84,6 +84,13 @@ def grids(parser: argparse.ArgumentParser, options: Sequence[str]) -> dict[str, 
         out[name] = grid
     return out
 
+
+def smoke_grid(grid: Sequence[dict]) -> list[dict]:
+    """The one configuration a smoke run tries: the grid's second, or the only one of a
+    one-configuration ``--grid`` (which ``grid[1:2]`` alone would leave empty)."""
+    return list(grid[1:2] or grid[:1])
+
+
 def make(name: str, model: nn.Module, dataset_size: int, config: dict, seed: int, **vi_options):
     """The optimizer ``name`` over ``model``'s trainable parameters with one grid configuration.
 

@@ -148,6 +148,11 @@ def test_grid_option_replaces_one_method_grid_and_refuses_bad_ones(script, capsy
         assert "--grid" in capsys.readouterr().err
 
 
+def test_smoke_runs_try_one_configuration_of_any_grid():
+    assert methods.smoke_grid(methods.DEFAULT_GRIDS["ADVI"]) == [methods.DEFAULT_GRIDS["ADVI"][1]]
+    assert methods.smoke_grid([{"lr": 0.003}]) == [{"lr": 0.003}]      # a one-configuration --grid
+
+
 def test_start_sensitivity_fisher_is_the_per_example_squared_gradient_averaged_over_the_tensor():
     import start_sensitivity
     torch.manual_seed(0)
