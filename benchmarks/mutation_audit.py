@@ -87,7 +87,10 @@ MUTATIONS = [
     ("solved: the Adam mean takes the exact root (biased up under noise)", K + "newton.py",
      'iterations = NEWTON_ITERS if h.mean_update == "newton" else 0', "iterations = NEWTON_ITERS"),
     ("solved: the first-order root's lower end without b+", K + "newton.py",
-     "floor = lam / (lam + 4 * a + 4 * b.clamp_min(0))", "floor = lam / (lam + 4 * a)"),
+     "p = (lam - 4 * b.clamp_max(0)) / (lam + 4 * a + 4 * b.clamp_min(0))",
+     "p = (lam - 4 * b.clamp_max(0)) / (lam + 4 * a)"),
+    ("solved: the first-order root's numerator without the min(b, 0)", K + "newton.py",
+     "p = (lam - 4 * b.clamp_max(0)) /", "p = (lam - 4 * b) /"),
 ]
 TESTS = ["tests/test_solved_step.py", "tests/test_kernels.py", "tests/test_paths.py", "tests/test_properties.py",
          "tests/test_advi.py",

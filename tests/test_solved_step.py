@@ -69,7 +69,7 @@ def test_precision_is_the_exact_minimiser_where_the_objective_is_convex(rho):
 def test_first_order_precision_is_the_linearised_root_clamped_to_the_bracket(rho):
     # The definition, case by case: below 1 (f(1) = 4(a + b) > 0) the bracket is
     # [lam / (lam + 4a + 4b+), 1]; above 1 it is [1, min(-b/a, CAP * linear)]. The step computes it
-    # as one maximum; this checks that reduction on random and on scale-spread statistics, float64.
+    # as one quotient; this checks that reduction on random and on scale-spread statistics, float64.
     g = torch.Generator().manual_seed(3)
     a, b = random_problems(n=50_000, seed=4, dtype=F64)
     def spread(n):   # magnitudes from 1e-20 to 1e20

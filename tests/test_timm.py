@@ -52,3 +52,41 @@ def test_timm_optimizer_trains_and_weight_decay_warns_without_effect():
 def test_missing_dataset_size_still_names_it():
     with pytest.raises(TypeError, match="dataset_size"):
         timm.optim.create_optimizer_v2(small_model(), "proxvi", lr=1e-3)
+
+
+def test_example_ivon_arm_trains_and_predicts_at_ivon_samples():
+    """examples/timm_finetune.py --ivon: each step's forward and backward run at a fresh IVON sample
+    (IVON counts the gradients it collected), and the predictive averages draws repeatably and
+    leaves the mean in the model."""
+    ivon = pytest.importorskip("ivon", reason="ivon-opt is missing (the dev extra has it): pip install ivon-opt")
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "timm_finetune.py"
+    spec = importlib.util.spec_from_file_location("timm_finetune_example_test", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = small_model()
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
+    args = argparse.Namespace(ivon_lr=0.1, ivon_hess_init=5.0, ivon_beta2=0.999)
+    opt = example.make_ivon(model, args, len(y))
+    seen = []
+    real = ivon.IVON.step
+
+    def step(self, *a, **kw):
+        seen.append(self.state["count"])
+        return real(self, *a, **kw)
+
+    init = [p.detach().clone() for p in model.parameters()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ivon.IVON, "step", step)
+        example.train(model, opt, x, y, example.batches(len(y), 4, 1, seed=0), desc="IVON")
+    assert seen == [1, 1]   # one gradient collected at a sample before each of the two steps
+    mean = [p.detach().clone() for p in model.parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(init, mean))
+    probs = example.evaluate(model, x, opt=opt, n_samples=3, batch_size=4)
+    assert probs.shape == (8, 3) and torch.allclose(probs.sum(-1), torch.ones(8))
+    assert torch.equal(probs, example.evaluate(model, x, opt=opt, n_samples=3, batch_size=4))
+    assert not torch.allclose(probs, example.evaluate(model, x), atol=1e-4)   # samples, not the mean
+    assert all(torch.equal(a, b) for a, b in zip(mean, model.parameters()))

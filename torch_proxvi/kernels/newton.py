@@ -42,8 +42,10 @@ Which root depends on the mean update:
 
 * ``mean_update="score"`` (Adam) takes the **first-order root**, the linearised root clamped to
   the bracket, which is :math:`\max\big((\lambda_s - 4b)/(\lambda_s + 4a),\;
-  \lambda_s/(\lambda_s + 4a + 4b^+)\big)`: the linearised root is below 1 exactly where the
-  root is, and above 1 it never passes :math:`-b/a`. No iteration. It is linear in the noisy
+  \lambda_s/(\lambda_s + 4a + 4b^+)\big) = \big(\lambda_s - 4\min(b, 0)\big)/
+  \big(\lambda_s + 4a + 4\max(b, 0)\big)`: the linearised root is below 1 exactly where
+  the root is, above 1 it never passes :math:`-b/a`, and for :math:`b > 0` it is below the
+  bracket's lower end. No iteration, one division. It is linear in the noisy
   :math:`b`, so mini-batch noise averages out: at the Gaussian fixed point with score noise three
   times the curvature, :math:`E[\log p]` is :math:`-0.05\rho` per step against :math:`+0.43\rho` for the exact root
   (tests/test_solved_step.py), whose convexity in :math:`b` pushed the precision of a logistic
@@ -121,15 +123,16 @@ def precision_ratio(a: Tensor, b: Tensor, rho, iterations: int = NEWTON_ITERS) -
     rho = torch.as_tensor(rho, dtype=a.dtype, device=a.device).clamp(_RHO_MIN, RHO_MAX)
     lam = 4 * (1 - rho) / rho
     a = a.clamp_min(0)
+    if iterations == 0:
+        # the linearised root clamped to the bracket is max(linear, floor) (docs/method.md section 9,
+        # point 5), and that is one quotient: for b <= 0 the linearised root (lam - 4b)/(lam + 4a)
+        # (floor = lam/(lam + 4a) is below it), for b > 0 the floor lam/(lam + 4a + 4b) (floor - linear
+        # = 16b(a + b)/((lam + 4a)(lam + 4a + 4b)) > 0). (Where the two rounded quotients tie to an
+        # ulp, their maximum can differ from this by that ulp.)
+        p = (lam - 4 * b.clamp_max(0)) / (lam + 4 * a + 4 * b.clamp_min(0))
+        return torch.where(torch.isfinite(p), p, 1.0)   # overflowing statistics: keep the precision
     linear = (lam - 4 * b) / (lam + 4 * a)
     floor = lam / (lam + 4 * a + 4 * b.clamp_min(0))   # the bracket's lower end below 1
-    if iterations == 0:
-        # linear < 1 exactly where the root is below 1 (a + b > 0), and there the bracket's upper
-        # end 1 binds nothing; above 1, linear lies in [1, -b/a] and floor <= 1: so the clamp to
-        # the bracket is one maximum (rounding keeps the comparisons with 1; only at p = -b/a can
-        # the two differ, by an ulp: docs/method.md section 9, point 5)
-        p = torch.maximum(linear, floor)
-        return torch.where(torch.isfinite(p), p, 1.0)   # overflowing statistics: keep the precision
     below = a + b > 0                                   # f(1) > 0: the root is in (0, 1)
     lo = torch.where(below, floor, 1.0)
     hi = torch.where(below, 1.0, torch.minimum(-b / a.clamp_min(torch.finfo(a.dtype).tiny), CAP * linear).clamp_min(1))
@@ -148,7 +151,7 @@ def precision_ratio(a: Tensor, b: Tensor, rho, iterations: int = NEWTON_ITERS) -
 
 def _debiased(avg: Tensor, beta1, step):
     """Adam's bias correction of an average after ``step`` updates (0 before the first)."""
-    return avg / (1 - beta1**step + (step == 0))
+    return avg * (1 / (1 - beta1**step + (step == 0)))   # a scalar reciprocal: no division per weight
 
 
 def update(state: dict, stats: ScoreStats, h) -> None:
