@@ -60,7 +60,7 @@ except ImportError:  # pragma: no cover - tqdm is optional
 
 WEIGHTS = "models/efficientnet-lite0-57934424.pth"
 #: IVON's hyperparameters: validation's choice (``--eval-on validation``, docs/benchmarks.md)
-IVON_LR, IVON_HESS_INIT, IVON_BETA2 = 0.1, 5.0, 0.999
+IVON_LR, IVON_HESS_INIT, IVON_BETA2 = 0.1, 25.0, 0.999
 PLOT_PATH = Path(__file__).resolve().parent.parent / "docs" / "img" / "timm_reliability.png"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
