@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from torch_proxvi import ADVI, ProxScoreOptimizer
+from torch_proxvi.reference.comparators import is_ivon, ivon_draws, ivon_posterior_std, training_sample
 
 NAMES = ("Adam", "ADVI", "IVON", "ProxScore")
 # Not run by default: ProxScore with the element-wise sinh-arcsinh flow family (skew and tail
@@ -123,18 +124,10 @@ def _extra(config: dict) -> dict:
     return {k: v for k, v in config.items() if k != "lr"}
 
 
-def is_ivon(opt) -> bool:
-    return type(opt).__name__ == "IVON"
-
-
 def train_step(opt, closure: Callable[[], Tensor]) -> float:
     """One step: ``closure`` computes the mean loss of a batch; the backward runs here."""
     opt.zero_grad()
-    if is_ivon(opt):
-        with opt.sampled_params(train=True):
-            loss = closure()
-            loss.backward()
-    else:
+    with training_sample(opt):
         loss = closure()
         loss.backward()
     opt.step()
@@ -185,14 +178,7 @@ def draws(opt, model: nn.Module, forward: Callable[[], Tensor], n_samples: int, 
                 outs.append(forward().float())
         return torch.stack(outs)
     if is_ivon(opt):
-        state = torch.get_rng_state()
-        torch.manual_seed(seed)  # IVON samples from torch's global RNG
-        outs = []
-        for _ in range(n_samples):
-            with opt.sampled_params():
-                outs.append(forward().float())
-        torch.set_rng_state(state)
-        return torch.stack(outs)
+        return ivon_draws(opt, forward, n_samples, seed)
     return forward().float().unsqueeze(0)
 
 
@@ -204,12 +190,12 @@ def median_std(opt) -> float:
     samples with.
     """
     if isinstance(opt, ProxScoreOptimizer):
-        stds = [opt.posterior_std(p).flatten() for g in opt.param_groups for p in g["params"]]
+        stds = torch.cat([opt.posterior_std(p).flatten() for g in opt.param_groups for p in g["params"]])
     elif is_ivon(opt):
-        stds = [(g["ess"] * (g["hess"] + g["weight_decay"])).rsqrt() for g in opt.param_groups]
+        stds = ivon_posterior_std(opt)
     else:
         return 0.0
-    return float(torch.cat(stds).float().median())
+    return float(stds.float().median())
 
 
 @dataclass

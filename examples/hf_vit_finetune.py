@@ -47,6 +47,7 @@ except ImportError as e:  # transformers and accelerate are in the dev extra
 from torch_proxvi import ProxScoreOptimizer, metrics
 from torch_proxvi.integrations.hf import PosteriorMeanCallback, bayesian_predict
 from torch_proxvi.reference import datasets
+from torch_proxvi.reference.comparators import ivon_draws, ivon_posterior_std
 
 HAS_TQDM = importlib.util.find_spec("tqdm") is not None
 ARMS = ("adamw", "proxscore", "ivon")
@@ -98,20 +99,11 @@ class IVONTrainer(Trainer):
             return super().training_step(*args, **kwargs)
 
 
-@torch.no_grad()
 def ivon_predictive(opt, model, data: Images, n_samples: int, seed: int) -> torch.Tensor:
-    """IVON's Bayesian predictive: the softmax averaged over ``n_samples`` draws (its sampler uses
-    torch's global RNG, seeded here and restored afterwards)."""
+    """IVON's Bayesian predictive: the softmax averaged over ``n_samples`` draws from ``seed``."""
     model.eval()
-    rng = torch.get_rng_state()
-    torch.manual_seed(seed)
-    probs = torch.zeros(len(data), model.config.num_labels)
-    for _ in range(n_samples):
-        with opt.sampled_params():
-            for i in range(0, len(data), 256):
-                probs[i:i + 256] += torch.softmax(model(pixel_values=data.x[i:i + 256]).logits.float(), dim=-1)
-    torch.set_rng_state(rng)
-    return probs / n_samples
+    return ivon_draws(opt, lambda: torch.cat([model(pixel_values=x).logits.float().softmax(-1)
+                                              for x in data.x.split(256)]), n_samples, seed).mean(0)
 
 
 class SpreadLog(TrainerCallback):
@@ -177,7 +169,7 @@ def finetune_ivon(model, ft: Images, test: Images, a: argparse.Namespace) -> lis
     trainer = IVONTrainer(model, training_args(a.out, "ivon", a, a.epochs, a.ivon_lr, max_grad_norm=0.0),
                           train_dataset=ft, optimizers=(opt, schedule(opt, a, len(ft))), ivon_optimizer=opt)
     trainer.train()
-    std = torch.cat([(len(ft) * (g["hess"] + g["weight_decay"])).rsqrt() for g in opt.param_groups])
+    std = ivon_posterior_std(opt)
     print(f"IVON posterior std: median {std.median():.2e}, max {std.max():.2e}")
     return [row("IVON posterior mean (softmax)", softmax_probs(trainer, test), test.y),
             row(f"IVON Bayesian predictive ({a.n_samples} samples)",

@@ -33,7 +33,6 @@ choose hyperparameters.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.util
 import time
@@ -51,6 +50,7 @@ except ImportError as e:  # timm is in the dev extra
 
 import torch_proxvi.integrations.timm  # noqa: F401  (registers "proxvi" with timm)
 from torch_proxvi import metrics
+from torch_proxvi.reference.comparators import is_ivon, ivon_draws, ivon_posterior_std, training_sample
 from torch_proxvi.reference.datasets import DatasetNotFoundError, fashion_mnist_dir, fashion_mnist_file, read_idx
 
 try:
@@ -141,7 +141,7 @@ def train(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     it = tqdm(order, desc=desc, leave=False) if tqdm is not None else order
     for idx in it:
         opt.zero_grad(set_to_none=True)
-        with opt.sampled_params(train=True) if is_ivon(opt) else contextlib.nullcontext():
+        with training_sample(opt):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             loss.backward()
         opt.step()
@@ -154,13 +154,9 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, opt=None, n_samples: int =
              batch_size: int = 250) -> torch.Tensor:
     """Test probabilities: softmax (``opt=None``) or the Bayesian predictive of ProxScore or IVON."""
     model.eval()
-    if is_ivon(opt):   # IVON samples from torch's global RNG: a fixed seed, the same draws per batch
-        torch.manual_seed(1234)
-        draws = []
-        for _ in range(n_samples):
-            with opt.sampled_params():
-                draws.append(torch.cat([model(xb).softmax(-1) for xb in x.split(batch_size)]))
-        return torch.stack(draws).mean(0)
+    if is_ivon(opt):   # one draw covers every batch
+        return ivon_draws(opt, lambda: torch.cat([model(xb).softmax(-1) for xb in x.split(batch_size)]),
+                          n_samples, seed=1234).mean(0)
     g = torch.Generator().manual_seed(1234)
     out = []
     for xb in x.split(batch_size):
@@ -169,10 +165,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, opt=None, n_samples: int =
         else:
             out.append(opt.predictive(model, xb, n_samples=n_samples, generator=g))
     return torch.cat(out)
-
-
-def is_ivon(opt) -> bool:
-    return type(opt).__name__ == "IVON"
 
 
 def make_ivon(model: torch.nn.Module, args: argparse.Namespace, n: int) -> torch.optim.Optimizer:
@@ -305,7 +297,7 @@ def main() -> None:
             spread = ""
         else:
             if name == "IVON":
-                std = torch.cat([(len(y_train) * (g["hess"] + g["weight_decay"])).rsqrt() for g in opt.param_groups])
+                std = ivon_posterior_std(opt)
             else:
                 std = torch.cat([opt.posterior_std(p).flatten() for p in model.parameters()])
             spread = f", posterior std median {std.median():.2e}"

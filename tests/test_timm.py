@@ -10,6 +10,7 @@ import torch
 timm = pytest.importorskip("timm", reason="timm is missing (the dev extra has it): pip install timm")
 import torch_proxvi.integrations.timm  # noqa: E402,F401  (registers "proxvi")
 from torch_proxvi import ProxScoreOptimizer  # noqa: E402
+from torch_proxvi.reference.comparators import ivon_posterior_std  # noqa: E402
 
 
 def small_model():
@@ -71,6 +72,10 @@ def test_example_ivon_arm_trains_and_predicts_at_ivon_samples():
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
     args = argparse.Namespace(ivon_lr=0.1, ivon_hess_init=5.0, ivon_beta2=0.999)
     opt = example.make_ivon(model, args, len(y))
+    # IVON's std at the start: (ess (hess_init + weight_decay))^(-1/2), weight_decay = 1 / ess
+    std = ivon_posterior_std(opt)
+    assert std.numel() == sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(std, torch.full_like(std, (len(y) * (5.0 + 1 / len(y))) ** -0.5))
     seen = []
     real = ivon.IVON.step
 
@@ -85,7 +90,9 @@ def test_example_ivon_arm_trains_and_predicts_at_ivon_samples():
     assert seen == [1, 1]   # one gradient collected at a sample before each of the two steps
     mean = [p.detach().clone() for p in model.parameters()]
     assert not all(torch.equal(a, b) for a, b in zip(init, mean))
+    rng = torch.get_rng_state()
     probs = example.evaluate(model, x, opt=opt, n_samples=3, batch_size=4)
+    assert torch.equal(torch.get_rng_state(), rng)   # the seeded draws leave torch's RNG as it was
     assert probs.shape == (8, 3) and torch.allclose(probs.sum(-1), torch.ones(8))
     assert torch.equal(probs, example.evaluate(model, x, opt=opt, n_samples=3, batch_size=4))
     assert not torch.allclose(probs, example.evaluate(model, x), atol=1e-4)   # samples, not the mean

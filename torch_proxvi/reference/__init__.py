@@ -5,6 +5,8 @@
 * :mod:`.testing`: Bayesian linear regression (closed-form optimal mean-field posterior) and a
   tracker of the bytes of tensors a block allocates;
 * :mod:`.datasets`: the offline datasets of the benchmarks and examples, located on this machine.
+* :mod:`.comparators`: IVON driven as the benchmarks and examples drive it (its training sample,
+  its seeded predictive draws, its posterior std).
 
 Nothing in :mod:`torch_proxvi`'s optimizers imports this package.
 """
