@@ -13,7 +13,8 @@ the ViT is built from a ``ViTConfig`` (28x28 images, 7x7 patches), nothing is do
 3. Print a markdown table of test accuracy / NLL / ECE: AdamW by its softmax, ProxScore and IVON by
    the posterior mean's softmax (``trainer.predict``, which the Trainer runs on the mean) and by the
    Bayesian predictive (a Monte Carlo average over posterior samples). ``--eval-on validation``
-   scores 5k other training images instead of the test set, for choosing hyperparameters.
+   scores ``--test`` (10k) training images after the pretraining and fine-tuning ones instead of
+   the test set, for choosing hyperparameters.
 
     python examples/hf_vit_finetune.py            # about 3-4 minutes on 2 CPU cores
     python examples/hf_vit_finetune.py --arms adamw proxscore ivon   # and IVON, about 2 minutes more
@@ -240,6 +241,10 @@ def main() -> None:
         test = Images(data.x_train[end:end + a.test], data.y_train[end:end + a.test])
     else:
         test = Images(data.x_test[:a.test], data.y_test[:a.test])
+    if len(pre) < a.pretrain or len(ft) < a.finetune or len(test) < a.test:
+        raise SystemExit(f"MNIST has {len(data.y_train)} training and {len(data.y_test)} test images: "
+                         f"--pretrain {a.pretrain}, --finetune {a.finetune} and --test {a.test} ({a.eval_on}) "
+                         f"ask for more; lower them")
     print(f"MNIST: pretrain {len(pre)}, fine-tune {len(ft)} (other images), {a.eval_on} {len(test)}")
 
     # 1. pretrain with AdamW, save

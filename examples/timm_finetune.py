@@ -81,6 +81,9 @@ def load_split(split: str, n: int, size: int, seed: int, skip: int = 0) -> tuple
     ``skip`` of the same permutation (disjoint from them)."""
     images = read_idx(fashion_mnist_file(f"{split}-images-idx3-ubyte"))
     labels = read_idx(fashion_mnist_file(f"{split}-labels-idx1-ubyte"))
+    if skip + n > len(labels):
+        raise SystemExit(f"Fashion-MNIST's {split} split has {len(labels)} images: {skip} + {n} asked for; "
+                         "lower --train / --test")
     idx = np.random.default_rng(seed).permutation(len(labels))[skip:skip + n]
     return preprocess(images[idx], size), torch.from_numpy(labels[idx].astype(np.int64))
 
