@@ -20,10 +20,12 @@ $(STAMP): $(PY) pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# one pytest worker per core (pytest-xdist): each test runs on one thread (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --dist worksteal
 
-# speed checks (ratios to torch.optim.Adam in one process); not part of make test
+# speed checks (ratios to torch.optim.Adam in one process); not part of make test, and serial:
+# a second worker would load the cores they time
 perf: $(STAMP)
 	$(PY) -m pytest tests -m perf
 

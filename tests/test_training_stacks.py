@@ -4,8 +4,7 @@ model, and kill-and-resume of model + optimizer + scheduler."""
 from __future__ import annotations
 
 import io
-import os
-import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,10 +86,11 @@ def test_bf16_autocast_forward_trains_float32_state():
 
 
 # ---------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _join(rank: int, world: int, out: str) -> None:
+    """Join the test's process group through a file in its own ``tmp_path``: no TCP port, so
+    tests that run at once (``make test`` runs one pytest worker per core) cannot take each
+    other's rendezvous."""
+    dist.init_process_group("gloo", init_method=(Path(out) / "rendezvous").as_uri(), rank=rank, world_size=world)
 
 
 def _leave_process_group() -> None:
@@ -101,9 +101,8 @@ def _leave_process_group() -> None:
     dist.destroy_process_group()
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank: int, world: int, out: str, steps: int) -> None:
+    _join(rank, world, out)
     torch.manual_seed(rank)                     # different global seeds on purpose
     model = nn.parallel.DistributedDataParallel(mlp(seed=0))
     opt = ProxScoreOptimizer(model.parameters(), lr=1e-2, dataset_size=64)
@@ -138,7 +137,7 @@ NO_DIST = "torch.distributed is not built into this torch: install a torch build
 @pytest.mark.skipif(not dist.is_available(), reason=NO_DIST)
 def test_ddp_ranks_agree_and_match_single_process_training_on_the_union_batch(tmp_path):
     steps = 3
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), steps), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path), steps), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["seed"] == r1["seed"]          # rank 0's seed was broadcast
     for a, b in zip(r0["weights"] + r0["means"], r1["weights"] + r1["means"]):
@@ -150,11 +149,10 @@ def test_ddp_ranks_agree_and_match_single_process_training_on_the_union_batch(tm
         torch.testing.assert_close(opt.state[p]["mean"], m, rtol=1e-4, atol=1e-5)
 
 
-def _fsdp2_worker(rank: int, world: int, port: int, out: str, steps: int, options: dict) -> None:
+def _fsdp2_worker(rank: int, world: int, out: str, steps: int, options: dict) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, out)
     torch.manual_seed(rank)                     # different global seeds on purpose
     model = mlp(seed=0)
     for layer in model:
@@ -193,7 +191,7 @@ def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp
     """Under fully_shard each rank holds and samples only its shard; the shards put together are the
     sample and the posterior that one process training on the union batch has."""
     steps = 3
-    mp.spawn(_fsdp2_worker, args=(2, _free_port(), str(tmp_path), steps, options), nprocs=2, join=True)
+    mp.spawn(_fsdp2_worker, args=(2, str(tmp_path), steps, options), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["seed"] == r1["seed"]
     assert "does not support sharded (DTensor, FSDP2" in r0["refusal"]  # only the Gaussian family, for now
@@ -209,13 +207,12 @@ def test_fsdp2_shards_assemble_to_single_process_training_on_the_union_batch(tmp
         torch.testing.assert_close(opt.posterior_std(p), s, rtol=1e-4, atol=1e-6)
 
 
-def _fsdp2_checkpoint_worker(rank: int, world: int, port: int, out: str, prior_mean: str) -> None:
+def _fsdp2_checkpoint_worker(rank: int, world: int, out: str, prior_mean: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _join(rank, world, out)
     x, y = data()
     half = len(x) // world
     xs, ys = x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
@@ -266,7 +263,7 @@ def test_fsdp2_sharded_checkpoint_resumes_bit_identically(tmp_path, prior_mean):
     inside the optimizer state, which these helpers keep). With prior_mean="init" the fresh
     optimizer already holds state (the prior means) before its first step, so the template that
     get_state_dict builds must still name every entry (issue 18, item 1)."""
-    mp.spawn(_fsdp2_checkpoint_worker, args=(2, _free_port(), str(tmp_path), prior_mean), nprocs=2, join=True)
+    mp.spawn(_fsdp2_checkpoint_worker, args=(2, str(tmp_path), prior_mean), nprocs=2, join=True)
     for r in (0, 1):
         result = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         assert result["sharded"]
