@@ -218,6 +218,71 @@ def test_initial_spread_follows_the_data_and_the_prior(kw, expected):
     assert bool(((std / expected).log().abs() < 0.5).all())
 
 
+def _layers(count):
+    """``count`` weight matrices with their biases, and a LayerNorm: ``count`` weight tensors."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(count)), torch.nn.LayerNorm(4))
+
+
+def _fine_tune_std(h0, n=500):
+    return (n * h0 + 1.0) ** -0.5
+
+
+@pytest.mark.parametrize("count, h0", [(1, 1.0), (5, 1.0), (17, 3.4), (28, 5.6), (50, 10.0)])
+def test_a_fine_tunes_default_start_follows_how_many_weight_tensors_it_trains(count, h0):
+    # h0 = 0.2 per weight tensor, at least 1: the starts that worked on fine-tunes of 5, 17, 28 and
+    # 50 weight tensors (docs/benchmarks.md, "A fine-tune's default start")
+    model = _layers(count)
+    opt = make(model, prior_mean="init")
+    assert opt.param_groups[0]["init_curvature"] == pytest.approx(h0, rel=1e-12)
+    for p in model.parameters():   # biases and gains too: the start is one per group
+        torch.testing.assert_close(opt.posterior_std(p), torch.full_like(p, _fine_tune_std(h0)))
+
+
+def test_the_fine_tune_start_counts_every_group_and_only_trained_weight_tensors():
+    model = _layers(10)                                           # h0 = 2
+    params = list(model.parameters())
+    matrices, rest = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    groupings = {"one": params,
+                 "decay / no decay": [{"params": matrices}, {"params": rest, "prior_precision": 0.5}],
+                 "one per tensor (layer-wise lr)": [{"params": [p], "lr": 0.01 * (i + 1)}
+                                                    for i, p in enumerate(params)]}
+    for name, groups in groupings.items():
+        opt = ProxScoreOptimizer(groups, lr=0.05, dataset_size=500, rule="solved", prior_mean="init")
+        assert [g["init_curvature"] for g in opt.param_groups] == [pytest.approx(2.0)] * len(opt.param_groups), name
+        torch.testing.assert_close(opt.posterior_std(matrices[0]), torch.full((4, 4), _fine_tune_std(2.0)))
+    matrices[0].requires_grad_(False)                             # frozen: not trained, not counted
+    assert make(model, prior_mean="init").param_groups[0]["init_curvature"] == pytest.approx(1.8)
+
+
+def test_a_group_added_later_counts_every_group_and_leaves_the_others():
+    model = _layers(10)
+    first, second = list(model[:5].parameters()), list(model[5:].parameters())
+    opt = ProxScoreOptimizer(first, lr=0.05, dataset_size=500, rule="solved", prior_mean="init")
+    assert opt.param_groups[0]["init_curvature"] == pytest.approx(1.0)
+    opt.add_param_group({"params": second})
+    assert [g["init_curvature"] for g in opt.param_groups] == [pytest.approx(1.0), pytest.approx(2.0)]
+    torch.testing.assert_close(opt.posterior_std(second[0]), torch.full((4, 4), _fine_tune_std(2.0)))
+    with pytest.raises(ValueError, match="init_curvature"):       # a start the state cannot hold: refused, unchanged
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, 3))], "prior_precision": 1e-30,
+                             "dataset_size": 1e-30})
+    assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("kw, h0, std", [
+    ({}, 5.0, _fine_tune_std(5.0)),                                              # from scratch: the fixed start
+    ({"prior_mean": "init", "init_curvature": 25.0}, 25.0, _fine_tune_std(25.0)),  # asked for
+    ({"prior_mean": "init", "init_std": 0.01}, 2.0, 0.01),                       # init_std wins, h0 still reported
+    ({"prior_mean": "init", "rule": "proximal"}, None, 1e-3),                    # the Adam rule: unchanged
+])
+def test_the_fine_tune_start_applies_only_where_nothing_was_asked(kw, h0, std):
+    model = _layers(10)
+    opt = make(model, **kw)
+    group = opt.param_groups[0]
+    assert group["init_curvature"] == (None if h0 is None else pytest.approx(h0))
+    assert group["init_std"] == pytest.approx(std, rel=1e-12)
+
+
 def _fine_tune_model(dtype=torch.float32):
     """Two weight matrices of different scales (0.5 and 0.02 per weight), a bias and a norm gain."""
     torch.manual_seed(0)

@@ -32,6 +32,8 @@ from ._validation import (
     validate_group,
 )
 from .families import Family, SkipStep, sample_and_score, state_dtype
+from .families.base import curvature_init_std, weight_tensors
+from .kernels.newton import fine_tune_curvature
 
 __all__ = ["ProxScoreOptimizer"]
 
@@ -83,7 +85,9 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         init_std: initial posterior standard deviation of every weight. None (default): the
             data's, :math:`(N h_0 / T + \lambda_0)^{-1/2}`, for ``rule="solved"`` and wherever
             ``init_curvature`` :math:`h_0` (a per-example curvature guess; every family takes it)
-            is given, with :math:`h_0 = 5` for ``rule="solved"`` when it is not; else 1e-3.
+            is given; else 1e-3. For ``rule="solved"`` without it, :math:`h_0 = 5`, and in a
+            fine-tune (``prior_mean="init"``) :math:`h_0 = \max(1, L/5)`, L the number of weight
+            tensors (two or more dimensions, ``requires_grad``) in all of the optimizer's groups.
             ``relative_init_curvature`` :math:`\kappa` (a family option; None, off, by default)
             starts each weight tensor of two or more dimensions relative to its own scale instead:
             :math:`P_0 = N\kappa/(T r^2) + \lambda_0`, r the tensor's RMS (docs/api.md).
@@ -186,7 +190,10 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
         else:
             self._seed = _shared_seed(int(torch.randint(0, 2**62, (1,)).item()))
             self._generators = {}
+        self._default_starts: list[dict] | None = []   # groups whose fine-tune start waits for every group
         super().__init__(params, defaults)
+        starts, self._default_starts = self._default_starts, None
+        self._fine_tune_start(starts)
         devices = {p.device.type for g in self.param_groups for p in g["params"]}
         self.compiled = self.foreach and kernels.resolve_compiled(compiled, devices)
 
@@ -194,17 +201,37 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        default_curvature, default_std = group.get("init_curvature") is None, group["init_std"] is None
         try:
             check_group_keys(group, self.defaults)
             validate_group(group)
             self._family(group).validate(group)
             check_init_std(group["init_std"])
+            if default_curvature and group["rule"] == "solved" and group["prior_mean"] == "init":
+                if getattr(self, "_default_starts", None) is None:   # after construction: from every group now
+                    self._fine_tune_start([(group, default_std)])
+                else:
+                    self._default_starts.append((group, default_std))
         except (TypeError, ValueError, ImportError):
             self.param_groups.pop()
             raise
         if group["prior_mean"] == "init":  # the weights now, before any sample is written
             for p in group["params"]:
                 self.state[p]["prior_mean"] = p.detach().to(state_dtype(p), copy=True)
+
+    def _fine_tune_start(self, groups: list[tuple[dict, bool]]) -> None:
+        """The solved rule's default ``init_curvature`` for fine-tune groups (``prior_mean="init"``,
+        ``init_curvature`` not given), and their start where ``init_std`` was not given either
+        (each ``(group, default_std)``): from the number of weight tensors the whole optimizer trains
+        (:func:`.kernels.newton.fine_tune_curvature`), so that splitting a model into parameter
+        groups (weight decay, layer-wise lr) does not change it."""
+        if not groups:
+            return
+        h0 = fine_tune_curvature(weight_tensors(p for g in self.param_groups for p in g["params"]))
+        for group, default_std in groups:
+            group["init_curvature"] = h0
+            if default_std:
+                group["init_std"] = curvature_init_std(group)
 
     @staticmethod
     def _family(group: dict) -> Family:

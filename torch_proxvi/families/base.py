@@ -39,7 +39,7 @@ from ..kernels.gaussian import STD_RANGE
 from ..kernels.noise import is_dtensor
 
 __all__ = ["Family", "SkipStep", "START_OPTIONS", "curvature_init_std", "get", "names", "register", "sample_and_score",
-           "start_std", "state_dtype"]
+           "start_std", "state_dtype", "weight_tensors"]
 
 
 class SkipStep(ArithmeticError):
@@ -103,6 +103,12 @@ def start_std(group: dict[str, Any], p: Tensor) -> float:
     precision = group["dataset_size"] * kappa / (group["temperature"] * mean_square) + group["prior_precision"]
     low, high = STD_RANGE
     return min(max(precision ** -0.5, low), high)
+
+
+def weight_tensors(params) -> int:
+    """How many of ``params`` are trained weight tensors: two or more dimensions (weight matrices,
+    convolution kernels, embeddings; not biases or normalisation gains) and ``requires_grad``."""
+    return sum(1 for p in params if p.dim() >= 2 and p.requires_grad)
 
 
 def sum_weights(values: Tensor, like: Tensor) -> Tensor:
