@@ -210,7 +210,7 @@ class ProxScoreOptimizer(PosteriorAccess, Checkpointing, Optimizer):
             if default_curvature and group["rule"] == "solved" and group["prior_mean"] == "init":
                 if getattr(self, "_default_starts", None) is None:   # after construction: from every group now
                     self._fine_tune_start([(group, default_std)])
-                else:
+                else:                                                # during it: once every group is in
                     self._default_starts.append((group, default_std))
         except (TypeError, ValueError, ImportError):
             self.param_groups.pop()

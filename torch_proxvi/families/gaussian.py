@@ -31,7 +31,7 @@ from ..kernels import StepHyper, dispatch, newton
 from ..kernels import gaussian as kernel
 from ..kernels.noise import normal_
 from ..kernels.score import ScoreStats, accumulate, one_sample
-from .base import START_OPTIONS, Family, register, start_std, state_dtype, sum_weights, weight_tensors
+from .base import START_OPTIONS, Family, register, start_std, state_dtype, sum_weights
 
 __all__ = ["Gaussian", "first_moments", "state_dtype"]
 
@@ -68,12 +68,10 @@ class Gaussian(Family):
 
     def validate(self, group):
         if group.get("rule") == "solved":   # the rule's own defaults: rho = 0.3 lr, a start from the data
-            if group.get("scale_lr_ratio") is None:
-                group["scale_lr_ratio"] = newton.SCALE_LR_RATIO
-            if group.get("init_curvature") is None:   # a fine-tune's follows its weight tensors: the
-                # group's here, the whole optimizer's once it has every group (ProxScoreOptimizer)
-                group["init_curvature"] = (newton.fine_tune_curvature(weight_tensors(group["params"]))
-                                           if group.get("prior_mean") == "init" else newton.INIT_CURVATURE)
+            # (a fine-tune's init_curvature follows the whole optimizer: ProxScoreOptimizer._fine_tune_start)
+            for key, default in (("scale_lr_ratio", newton.SCALE_LR_RATIO), ("init_curvature", newton.INIT_CURVATURE)):
+                if group.get(key) is None:
+                    group[key] = default
         super().validate(group)
         allowed = dispatch.RULES[group["rule"]].MEAN_UPDATES
         if group["mean_update"] not in allowed:
