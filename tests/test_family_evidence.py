@@ -9,14 +9,21 @@ over 20 000 draws of q. Margins:
   has a standard deviation below 1, over 20 000 draws), so a required KL gap of 0.05 (0.1 on
   the BNN) is at least 5 standard errors;
 * the flows are required to reach at most half the Gaussian's divergence, where the benchmark
-  (docs/benchmarks.md, "Variational families") measured a third or less on every seed (the
-  dense flow at lr 0.003: at 0.01 one seed of three diverged on the BNN);
+  (docs/benchmarks.md, "Variational families") measured a third or less on every seed at 3000
+  steps (the dense flow at lr 0.003: at 0.01 one seed of three diverged on the BNN);
+* the dense flow's step budgets are the shortest whose margins held on each of 8 seeds
+  (`python benchmarks/evidence_margins.py --steps S --seeds 8`, docs/benchmarks.md, "The
+  evidence tests' budgets"): on the bimodal target 1500 steps (flow / Gaussian KL 0.09-0.37, gap
+  0.54-0.76), on the BNN 2000 (KL gap 1.09-1.23, Fisher 0.09-0.22, MMD 0.16-0.34, predictive KL
+  0.01-0.09 of the Gaussian's); the banana keeps 3000, since at 2000 its Fisher ratio reached 0.44
+  of the bound's 0.5 (0.49 at 1500);
 * on the bimodal target the Fisher divergence is not compared: a Gaussian that collapses onto one
   mode has a small one (it fits that mode), the KL exposes it;
 * on the BNN's last layer the dense flow with its defaults (lr 0.003; log-scales at 10x lr, its
   network waiting 500 steps) beat the Gaussian on every metric and every seed of the benchmark
-  at 3000 steps: KL 0.43-0.46 against 1.59-1.65, Fisher 0.45-0.59 against 3.4-7.5, MMD
-  0.017-0.024 against 0.103-0.14, predictive KL 0.0001-0.0003 against 0.0026-0.0067. The test
+  at 3000 steps (and at the test's 2000, above): KL 0.43-0.46 against 1.59-1.65, Fisher
+  0.45-0.59 against 3.4-7.5, MMD 0.017-0.024 against 0.103-0.14, predictive KL 0.0001-0.0003
+  against 0.0026-0.0067. The test
   asks for a KL gap of 0.5 (50 standard errors) and half the Gaussian's other divergences.
   (Before those defaults its KL was level with the Gaussian's and its MMD higher.)
 * at 12 000 steps the element-wise flow (lr 0.03, as the Gaussian) has a lower KL, Fisher
@@ -36,10 +43,10 @@ from torch_proxvi.reference import toy_targets as T
 pytestmark = pytest.mark.slow
 
 
-def _fit(name: str, family: str, lr: float) -> dict[str, float]:
+def _fit(name: str, family: str, lr: float, steps: int = 3000) -> dict[str, float]:
     target = T.TARGETS[name]
     opt, theta = T.fit(target, lambda ps: ProxScoreOptimizer(
-        ps, lr, dataset_size=1, prior_precision=1e-6, init_std=1.0, family=family), steps=3000)
+        ps, lr, dataset_size=1, prior_precision=1e-6, init_std=1.0, family=family), steps=steps)
     return T.divergences(opt, theta, target, samples=20_000)
 
 
@@ -50,9 +57,9 @@ def test_elementwise_flow_fits_skew_and_heavy_tails_better_than_the_gaussian(nam
     assert flow["fisher"] < 0.5 * gauss["fisher"], (gauss, flow)
 
 
-@pytest.mark.parametrize("name", ["banana", "bimodal"])
-def test_dense_flow_fits_banana_and_two_modes_better_than_the_gaussian(name):
-    gauss, flow = _fit(name, "gaussian", 0.03), _fit(name, "flow", 0.003)
+@pytest.mark.parametrize(("name", "steps"), [("banana", 3000), ("bimodal", 1500)])
+def test_dense_flow_fits_banana_and_two_modes_better_than_the_gaussian(name, steps):
+    gauss, flow = _fit(name, "gaussian", 0.03, steps), _fit(name, "flow", 0.003, steps)
     assert flow["kl"] < min(0.5 * gauss["kl"], gauss["kl"] - 0.05), (gauss, flow)
     if name == "banana":
         assert flow["fisher"] < 0.5 * gauss["fisher"], (gauss, flow)
@@ -64,7 +71,7 @@ def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric():
     for family in ("gaussian", "flow"):
         opt, head = T.fit_last_layer(problem, lambda ps, family=family: ProxScoreOptimizer(
             ps, 0.003 if family == "flow" else 0.03, dataset_size=len(problem.labels),
-            prior_precision=1 / problem.prior_std**2, init_std=0.5, family=family), steps=3000)
+            prior_precision=1 / problem.prior_std**2, init_std=0.5, family=family), steps=2000)
         results[family] = T.last_layer_divergences(opt, head, problem, samples=20_000)
     gauss, flow = results["gaussian"], results["flow"]
     assert flow["kl"] < gauss["kl"] - 0.5, results
