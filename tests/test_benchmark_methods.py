@@ -232,3 +232,25 @@ def test_spread_hold_holds_the_scale_until_release_and_keeps_the_sample_at_the_h
         assert released == {signal: 6, noisy: 6}
     ProxScoreOptimizer([nn.Parameter(torch.zeros(2))], lr=1e-3, dataset_size=10, rule="solved")
     assert len(log) == 1                                 # restore() undid the patch: no second record
+
+
+def test_flow_step_swaps_zukos_layers_in_and_back_and_both_fit_alike(capsys, monkeypatch):
+    pytest.importorskip("zuko")
+    import flow_step
+
+    from torch_proxvi.families import _flow_layers, flow
+    library = (_flow_layers.Affine, _flow_layers.Spline, flow._run)
+    monkeypatch.setattr(sys, "argv", ["flow_step.py", "--steps", "3", "--repeats", "1"])
+    flow_step.main()
+    out = capsys.readouterr().out
+    assert "same final state to the bit: True" in out, out
+    assert (_flow_layers.Affine, _flow_layers.Spline, flow._run) == library   # the library's again
+    flow_step.use(flow_step.ZUKO)          # the swap reaches the flows that the family builds
+    try:
+        group = ProxScoreOptimizer([nn.Parameter(torch.zeros(3))], lr=1e-2, dataset_size=1,
+                                   family="flow").param_groups[0]
+        module = flow._template(group, 3, torch.float32, torch.device("cpu"))[0]
+        layers = {getattr(layer.univariate, "func", layer.univariate) for layer in module.flow.transform.transforms}
+        assert layers == set(flow_step.ZUKO["layers"])              # (the spline's is a partial)
+    finally:
+        flow_step.use(flow_step.LIBRARY)

@@ -77,13 +77,15 @@ def _build(zuko, dim: int, transforms: int, hidden_features: tuple[int, ...], bi
     (on [-5, 5], identity outside) the shape."""
     from functools import partial
 
+    from ._flow_layers import Affine, Spline  # zuko's layers, their score's derivative cheaper
+
     orders = [torch.arange(dim), torch.flipud(torch.arange(dim))]
     layers = []
     for i in range(transforms):
         common = dict(features=dim, context=0, passes=2, order=orders[i % 2], hidden_features=hidden_features)
-        layers.append(zuko.flows.MaskedAutoregressiveTransform(**common))
+        layers.append(zuko.flows.MaskedAutoregressiveTransform(**common, univariate=Affine))
         layers.append(zuko.flows.MaskedAutoregressiveTransform(
-            **common, univariate=partial(zuko.transforms.MonotonicRQSTransform, slope=1e-3),
+            **common, univariate=partial(Spline, slope=1e-3),
             shapes=[(bins,), (bins,), (bins - 1,)]))
     base = zuko.flows.UnconditionalDistribution(
         zuko.distributions.DiagNormal, loc=torch.zeros(dim), scale=torch.ones(dim), buffer=True)
@@ -102,6 +104,12 @@ class _Transform(nn.Module):
         if inverse:
             return transform.inv(y)
         return transform.call_and_ladj(y)
+
+
+def _run(module: _Transform, weights: dict[str, Tensor], *args):
+    """``module(*args)`` with ``weights`` in place of its parameters. zuko's flows tie no weights,
+    so functional_call's search for tied ones, a cost of every call, is skipped."""
+    return torch.func.functional_call(module, weights, args, tie_weights=False)
 
 
 _TEMPLATES: dict[tuple, tuple[_Transform, list[str], list[torch.Size]]] = {}
@@ -238,13 +246,13 @@ class DenseFlow(Family):
         """log q of flat samples ``theta`` [..., D] (differentiable in theta and parts)."""
         loc, log_scale, module, weights = parts
         y = (theta - loc) * torch.exp(-log_scale)
-        z, ladj = torch.func.functional_call(module, weights, (y,))
+        z, ladj = _run(module, weights, y)
         return -0.5 * (z * z).sum(-1) - 0.5 * loc.numel() * _LOG_2PI + ladj - log_scale.sum()
 
     @staticmethod
     def _draw(parts, noise: Tensor) -> Tensor:
         loc, log_scale, module, weights = parts
-        return loc + log_scale.exp() * torch.func.functional_call(module, weights, (noise, True))
+        return loc + log_scale.exp() * _run(module, weights, noise, True)
 
     @staticmethod
     def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
