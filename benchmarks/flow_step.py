@@ -9,8 +9,8 @@ runs them through ``functional_call`` without its search for tied weights. This 
 zuko's own layers and the default ``functional_call`` ("zuko") and back ("library"), alternating,
 and fits the evidence tests' problems with each (``--case banana``: the 2-D banana from init_std 1;
 ``bnn``: the two-moons BNN's 5-weight head from init_std 0.5; the dense flow at lr 0.003, one
-thread). It prints the CPU time per step of each fit (process time: this machine's wall times
-spread 21-40 ms for the same fit) and whether both variants ended in the same state to the bit.
+thread). It prints the CPU time per step of each fit (process time, steadier than wall time on a
+shared machine) and whether both variants ended in the same state to the bit.
 """
 
 from __future__ import annotations

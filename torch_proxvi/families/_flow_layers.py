@@ -10,8 +10,8 @@ Both zuko layers soft-clip their raw parameters :math:`u` (the hyper-networks' o
 score, itself a gradient in :math:`\theta` on which :math:`u` depends, so autograd differentiates
 :math:`|u|` twice. torch's derivative of ``abs`` is :math:`\operatorname{sgn}(u)\,g`, and the
 derivative of ``sgn`` an "efficient zero" tensor, whose addition to a gradient runs the sum's
-shape inference in Python: most of the cost of a small flow's step went there
-(docs/benchmarks.md, "The dense flow's step").
+shape inference in Python, several times per step of a small flow (docs/benchmarks.md, "The
+dense flow's step").
 
 Here :math:`|u| = u \cdot \operatorname{sign}(u)` with the sign a constant of the graph: the same
 values and the same first derivative to the bit, and no second derivative formed (it is zero
