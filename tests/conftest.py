@@ -35,6 +35,13 @@ from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
 # evidence tests' budgets").
 torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(items):
+    """The tests marked ``slow`` first (otherwise in collection order): pytest-xdist's workers then
+    start on the long tests and share the short ones at the end, instead of one worker starting
+    a 90 s test while the other has nothing left to run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 OPTIMIZERS = {
     "proxscore": lambda params, **kw: ProxScoreOptimizer(
         params, **{"lr": 1e-2, "dataset_size": 64, **kw}

@@ -161,7 +161,8 @@ def test_log_prob_is_normalised_and_score_is_its_gradient(name):
     u = torch.linspace(-8, 8, 1001, dtype=F64)
     axis, jacobian = 3 * torch.sinh(u), 3 * torch.cosh(u) * (u[1] - u[0])
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
-    density = family.log_prob(group, [state], [grid]).exp()
+    # in chunks: the dense flow's hidden layers on all 1M points at once ran 3x slower (memory)
+    density = torch.cat([family.log_prob(group, [state], [chunk]) for chunk in grid.split(1 << 16)]).exp()
     mass = float((density * torch.outer(jacobian, jacobian).reshape(-1)).sum())
     assert abs(mass - 1) < 1e-4, mass
     theta = grid[::997].clone().requires_grad_()

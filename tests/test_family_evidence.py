@@ -44,6 +44,12 @@ from torch_proxvi.reference import toy_targets as T
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def bnn():
+    """The two-moons BNN's last layer with its HMC reference (12 s to build; nothing mutates it)."""
+    return T.last_layer()
+
+
 def _fit(name: str, family: str, lr: float, steps: int = 3000) -> dict[str, float]:
     target = T.TARGETS[name]
     opt, theta = T.fit(target, lambda ps: ProxScoreOptimizer(
@@ -66,8 +72,8 @@ def test_dense_flow_fits_banana_and_two_modes_better_than_the_gaussian(name, ste
         assert flow["fisher"] < 0.5 * gauss["fisher"], (gauss, flow)
 
 
-def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric():
-    problem = T.last_layer()
+def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric(bnn):
+    problem = bnn
     results = {}
     for family in ("gaussian", "flow"):
         opt, head = T.fit_last_layer(problem, lambda ps, family=family: ProxScoreOptimizer(
@@ -81,8 +87,8 @@ def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric():
     assert flow["predictive_kl"] < 0.5 * gauss["predictive_kl"], results
 
 
-def test_elementwise_flow_on_a_bnn_last_layer_beats_the_gaussian_on_kl_fisher_and_mmd_at_12000_steps():
-    problem = T.last_layer()
+def test_elementwise_flow_on_a_bnn_last_layer_beats_the_gaussian_on_kl_fisher_and_mmd_at_12000_steps(bnn):
+    problem = bnn
     results = {}
     for family in ("gaussian", "elementwise_flow"):
         opt, head = T.fit_last_layer(problem, lambda ps, family=family: ProxScoreOptimizer(

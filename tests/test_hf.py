@@ -11,13 +11,9 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is missing (the dev extra has it): "
                                    "pip install transformers accelerate")
 
-from transformers import (  # noqa: E402
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
-)
+# the rest of transformers by attribute, when a test runs: importing Trainer and the ViT costs each
+# pytest-xdist worker ~6 s at collection
+from transformers import TrainerCallback  # noqa: E402
 
 from torch_proxvi import ProxScoreOptimizer  # noqa: E402
 from torch_proxvi.integrations.hf import PosteriorMeanCallback, bayesian_predict, unwrap_optimizer  # noqa: E402
@@ -28,15 +24,16 @@ N_TRAIN, N_EVAL, N_CLASSES, BATCH, STEPS = 64, 24, 3, 8, 4
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                       num_attention_heads=2, intermediate_size=64, num_labels=N_CLASSES)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
+                                    num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    num_labels=N_CLASSES)
     path = tmp_path_factory.mktemp("vit")
-    ViTForImageClassification(config).save_pretrained(path)
+    transformers.ViTForImageClassification(config).save_pretrained(path)
     return path
 
 
 def load(checkpoint):
-    return ViTForImageClassification.from_pretrained(checkpoint)
+    return transformers.ViTForImageClassification.from_pretrained(checkpoint)
 
 
 def make_data(n, seed):
@@ -53,8 +50,9 @@ def make_trainer(model, opt, tmp_path, *, scheduler=None, callbacks=(), **overri
               save_strategy="no", report_to=[], use_cpu=True, logging_steps=1, disable_tqdm=True,
               max_grad_norm=0.0, dataloader_num_workers=0, seed=0)
     kw.update(overrides)
-    return Trainer(model, TrainingArguments(str(tmp_path), **kw), train_dataset=make_data(N_TRAIN, 1),
-                   eval_dataset=make_data(N_EVAL, 2), optimizers=(opt, scheduler), callbacks=list(callbacks))
+    return transformers.Trainer(model, transformers.TrainingArguments(str(tmp_path), **kw),
+                                train_dataset=make_data(N_TRAIN, 1), eval_dataset=make_data(N_EVAL, 2),
+                                optimizers=(opt, scheduler), callbacks=list(callbacks))
 
 
 def make_opt(model, **kw):
@@ -269,7 +267,7 @@ def test_trainer_checkpoint_resume_continues_bit_identically(checkpoint, tmp_pat
         if kind == "module":
             model = TinyClassifier()
         else:
-            model = ViTForImageClassification.from_pretrained(saved if resume else checkpoint)
+            model = transformers.ViTForImageClassification.from_pretrained(saved if resume else checkpoint)
         opt = make_opt(model)
         callbacks = [PosteriorMeanCallback()] + ([StopAt(stop_at)] if stop_at else [])
         trainer = make_trainer(model, opt, out, max_steps=steps, save_strategy="steps", save_steps=stop,
