@@ -14,10 +14,11 @@ over 20 000 draws of q. Margins:
 * the dense flow's step budgets are the shortest of those measured (1000 to 3000) whose
   margins held with room on each of 8 seeds (`python benchmarks/evidence_margins.py --steps S
   --seeds 8`, docs/benchmarks.md, "The evidence tests' budgets"): on the bimodal target 1500
-  steps (flow / Gaussian KL 0.09-0.37, gap 0.54-0.76), on the BNN 2000 (KL gap 1.09-1.23,
-  Fisher 0.09-0.22, MMD 0.16-0.34, predictive KL 0.01-0.09 of the Gaussian's); the banana keeps
-  3000, since at 2000 its Fisher ratio reached 0.44 of the bound's 0.5 (0.49 at 1500); the
-  dense flow from init_std 1e-3 runs 1000 steps (KL 0.051-0.094 on 8 seeds, bound 0.2);
+  steps (flow / Gaussian KL 0.09-0.37, gap 0.54-0.76; at 1000 the ratio reached 0.65), on the
+  BNN 2000 (KL gap 1.09-1.23, Fisher 0.09-0.22, MMD 0.16-0.34, predictive KL 0.01-0.09 of the
+  Gaussian's); the banana keeps 3000, since at 2000 its Fisher ratio reached 0.44 of the
+  bound's 0.5 (0.49 at 1500); the dense flow from init_std 1e-3 runs 1000 steps (KL
+  0.051-0.094 on 8 seeds, bound 0.2);
 * on the bimodal target the Fisher divergence is not compared: a Gaussian that collapses onto one
   mode has a small one (it fits that mode), the KL exposes it;
 * on the BNN's last layer the dense flow with its defaults (lr 0.003; log-scales at 10x lr, its
