@@ -30,9 +30,9 @@ from torch_proxvi import ADVI, GSM, BaM, ProxScoreOptimizer  # noqa: E402
 # 4.2 s with one thread and 55 s with two on 2 cores shared with another job. Every path is
 # compared within one process, so the thread count changes no assertion; a test that wants
 # threads sets them. `make test` uses the other cores through one pytest worker per core
-# (pytest-xdist): about 5 minutes instead of 9 serially on a 2-core EPYC with AVX-512, 7 to 10 on one
-# without (by load); the longest tests are the dense flow's evidence (docs/benchmarks.md, "The
-# evidence tests' budgets").
+# (pytest-xdist): about 5 minutes instead of 9 serially on a 2-core EPYC with AVX-512, 6.5 to 7.5 on
+# one without (by load); the longest tests are the dense flow's evidence (docs/benchmarks.md, "The
+# evidence tests' budgets", "`make test`'s time on a clean clone").
 torch.set_num_threads(1)
 
 
