@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bnn():
+def problem():
     """The two-moons BNN's last layer with its HMC reference (12 s to build; nothing mutates it)."""
     return T.last_layer()
 
@@ -73,8 +73,7 @@ def test_dense_flow_fits_banana_and_two_modes_better_than_the_gaussian(name, ste
         assert flow["fisher"] < 0.5 * gauss["fisher"], (gauss, flow)
 
 
-def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric(bnn):
-    problem = bnn
+def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric(problem):
     results = {}
     for family in ("gaussian", "flow"):
         opt, head = T.fit_last_layer(problem, lambda ps, family=family: ProxScoreOptimizer(
@@ -88,8 +87,7 @@ def test_dense_flow_on_a_bnn_last_layer_beats_the_gaussian_on_every_metric(bnn):
     assert flow["predictive_kl"] < 0.5 * gauss["predictive_kl"], results
 
 
-def test_elementwise_flow_on_a_bnn_last_layer_beats_the_gaussian_on_kl_fisher_and_mmd_at_12000_steps(bnn):
-    problem = bnn
+def test_elementwise_flow_on_a_bnn_last_layer_beats_the_gaussian_on_kl_fisher_and_mmd_at_12000_steps(problem):
     results = {}
     for family in ("gaussian", "elementwise_flow"):
         opt, head = T.fit_last_layer(problem, lambda ps, family=family: ProxScoreOptimizer(
